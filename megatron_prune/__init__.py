@@ -1,0 +1,12 @@
+"""megatron_prune: structured pruning with weight re-initialisation and online distillation for
+Megatron-Core models (Pangu Light, AlphaPruning, Tyr-the-Pruner)."""
+
+__version__ = "0.1.0"
+
+import warnings as _warnings
+
+# megatron-core warns at import time, once per module, that it falls back to plain-torch kernels
+# when Transformer Engine / Apex are absent. That is this project's normal CPU and NPU path.
+_warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed")
+# torch.distributed.checkpoint deprecates ShardedTensor, which megatron-core 0.16 still uses.
+_warnings.filterwarnings("ignore", message=r"Please use DTensor instead", category=FutureWarning)

@@ -1,0 +1,167 @@
+"""Which accelerator this process runs on, and the CPU shim that lets megatron-core run there.
+
+megatron-core assumes CUDA in a handful of places (RNG trackers, ``torch.cuda.current_device()``
+as a device, ``device="cuda"`` literals in schedules, optimizers and masks). On a machine without
+an accelerator we redirect exactly those places to the CPU so that the *same* model code runs
+under ``torchrun`` with the gloo backend; that is how every multi-rank test of this project runs.
+
+On Ascend NPUs ``torch_npu`` (and its ``transfer_to_npu`` bridge) plays the same role, as in
+MindSpeed; on CUDA nothing is patched.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """The device kind a process computes on and the collective backend that goes with it."""
+
+    kind: str  # "cuda" | "npu" | "cpu"
+    backend: str  # "nccl" | "hccl" | "gloo"
+
+    def device(self, local_rank: int = 0) -> torch.device:
+        """The torch device of this process (one accelerator per local rank)."""
+        if self.kind == "cpu":
+            return torch.device("cpu")
+        return torch.device(self.kind, local_rank)
+
+
+def _npu_available() -> bool:
+    try:
+        import torch_npu  # noqa: F401  (registers the "npu" device with torch)
+    except ImportError:
+        return False
+    return bool(torch.npu.is_available())  # type: ignore[attr-defined]
+
+
+def detect(requested: str | None = None) -> Accelerator:
+    """Pick the accelerator: ``requested`` ("cuda", "npu", "cpu") or the best one present.
+
+    ``MEGATRON_PRUNE_DEVICE`` overrides detection, which lets a GPU machine run the CPU path.
+    """
+    choice = requested or os.environ.get("MEGATRON_PRUNE_DEVICE")
+    if choice is None:
+        if torch.cuda.is_available():
+            choice = "cuda"
+        elif _npu_available():
+            choice = "npu"
+        else:
+            choice = "cpu"
+    backends = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+    if choice not in backends:
+        raise ValueError(f"unknown device {choice!r}: choose one of {sorted(backends)}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+    if choice == "npu" and not _npu_available():
+        raise RuntimeError("device 'npu' requested but torch_npu is missing or sees no NPU")
+    return Accelerator(kind=choice, backend=backends[choice])
+
+
+# Megatron modules with `device="cuda"` literals on the paths this project uses
+# (masks, pipeline schedules, optimizers, gradient clipping).
+_MODULES_WITH_CUDA_LITERALS = (
+    "megatron.core.transformer.utils",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.distrib_optimizer",
+)
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int)  # a bare index means "cuda:index" to torch
+
+
+class _CpuTorch(ModuleType):
+    """A stand-in for the ``torch`` module inside one megatron module: identical, except that
+    any call given ``device=cuda`` gets ``device=cpu`` instead. Scoped to the listed modules, so
+    the rest of the process keeps plain torch and pays nothing."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(torch, name)
+        if not callable(attr) or isinstance(attr, type) or isinstance(attr, ModuleType):
+            return attr
+
+        @functools.wraps(attr)
+        def redirected(*args: Any, **kwargs: Any) -> Any:
+            if _is_cuda_device(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+
+        setattr(self, name, redirected)  # later lookups skip __getattr__
+        return redirected
+
+
+_SHIM_APPLIED = False
+
+
+def shim_applied() -> bool:
+    """True once :func:`apply_cpu_shim` has patched this process."""
+    return _SHIM_APPLIED
+
+
+def apply_cpu_shim() -> None:
+    """Make megatron-core's CUDA assumptions hold on the CPU. Idempotent.
+
+    Also divides the cores among the node's ranks (two threads per rank on a 2-core machine with
+    two ranks made a step 40x slower) and disables dynamo, whose first compile costs seconds and
+    buys nothing on the CPU.
+    """
+    global _SHIM_APPLIED
+    if _SHIM_APPLIED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("the CPU shim must not be applied on a machine with CUDA")
+
+    torch.cuda.current_device = lambda: "cpu"  # used as a device argument by megatron
+    torch.cuda.manual_seed = torch.manual_seed
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+
+    import megatron.core.tensor_parallel.random as tp_random
+
+    tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+
+    cpu_torch = _CpuTorch()
+    for name in _MODULES_WITH_CUDA_LITERALS:
+        importlib.import_module(name).torch = cpu_torch  # type: ignore[attr-defined]
+
+    if os.environ.get("MEGATRON_PRUNE_KEEP_THREADS") != "1":
+        # One process per core: more threads than cores per node oversubscribes badly.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    import torch._dynamo as dynamo
+
+    dynamo.config.disable = True
+    _SHIM_APPLIED = True
+
+
+def prepare(requested: str | None = None) -> Accelerator:
+    """Detect the accelerator and make megatron-core usable on it (call once, before building
+    models). On NPU, torch_npu's CUDA-to-NPU bridge is loaded as MindSpeed does."""
+    accel = detect(requested)
+    if accel.kind == "cpu":
+        apply_cpu_shim()
+    elif accel.kind == "npu":
+        importlib.import_module("torch_npu.contrib.transfer_to_npu")
+    return accel

@@ -1,0 +1,1 @@
+"""Checkpoint IO: Hugging Face folders, GGUF files and Megatron distributed checkpoints."""

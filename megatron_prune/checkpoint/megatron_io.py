@@ -1,0 +1,81 @@
+"""Megatron distributed checkpoints (``megatron.core.dist_checkpointing``) of this tool's models.
+
+A dist checkpoint stores global tensors with their shard offsets, so one written at TP=2 x PP=2
+loads at any other layout: resharding is "load at the new layout, save". Besides the tensors a
+checkpoint folder holds ``megatron_prune.json`` (architecture, layout, provenance) and
+``tokenizer/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from megatron.core import dist_checkpointing
+
+from megatron_prune.checkpoint.metadata import CheckpointError, CheckpointMeta
+from megatron_prune.models.arch import ModelArch
+
+
+def _sharded_state(chunks: list[torch.nn.Module]) -> dict:
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def save_chunks(chunks: list[torch.nn.Module], directory: Path) -> None:
+    """Collective: every rank saves its shards into ``directory``."""
+    dist_checkpointing.save(_sharded_state(chunks), str(directory))
+
+
+def load_chunks(chunks: list[torch.nn.Module], directory: Path) -> None:
+    """Collective: fill this rank's chunks from a dist checkpoint written at any layout."""
+    directory = Path(directory)
+    if not (directory / "metadata.json").is_file():
+        raise CheckpointError(f"{directory} holds no Megatron dist checkpoint (metadata.json missing)")
+    try:
+        state = dist_checkpointing.load(_sharded_state(chunks), str(directory))
+    except Exception as err:  # torch DCP / megatron raise many types for damaged files
+        raise CheckpointError(
+            f"{directory}: cannot load the dist checkpoint, it is truncated or damaged ({err})"
+        ) from err
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for chunk, key in zip(chunks, keys):
+        chunk.load_state_dict(state[key], strict=False)
+        missing = [
+            k for k in chunk.state_dict() if not k.endswith("_extra_state") and k not in state[key]
+        ]
+        if missing:
+            raise CheckpointError(f"{directory}: tensors missing from the checkpoint: {missing[:3]}")
+
+
+@dataclass
+class LoadedModel:
+    meta: CheckpointMeta
+    chunks: list[torch.nn.Module]
+    path: Path
+
+    @property
+    def arch(self) -> ModelArch:
+        return self.meta.arch
+
+
+def load_model(
+    directory: str | Path,
+    *,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+) -> LoadedModel:
+    """Build this rank's chunks for the checkpoint's architecture at the current parallel state
+    and load them. Megatron's parallel state must already be initialised."""
+    from megatron_prune.models.gpt import build_model
+
+    meta = CheckpointMeta.read(directory)
+    chunks = build_model(
+        meta.arch, sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device,
+        initialize=False,
+    )
+    load_chunks(chunks, Path(directory))
+    return LoadedModel(meta=meta, chunks=chunks, path=Path(directory))

@@ -1,0 +1,73 @@
+"""The self-description every checkpoint of this tool carries (``megatron_prune.json``): the
+architecture, the layout it was written at, its tokenizer and where it came from. Later commands
+read it instead of asking for model flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_prune.models.arch import ModelArch
+
+METADATA_FILE = "megatron_prune.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated or not of this tool."""
+
+
+@dataclass
+class CheckpointMeta:
+    arch: ModelArch
+    layout: dict[str, Any]
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["arch"] = self.arch.to_dict()
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    def write(self, directory: Path) -> None:
+        tmp = directory / (METADATA_FILE + ".tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, directory / METADATA_FILE)
+
+    @classmethod
+    def read(cls, directory: str | Path) -> CheckpointMeta:
+        path = Path(directory) / METADATA_FILE
+        if not Path(directory).is_dir():
+            raise CheckpointError(f"{directory} is not a directory")
+        if not path.is_file():
+            raise CheckpointError(
+                f"{directory} has no {METADATA_FILE}: not a checkpoint written by megatron-prune "
+                "(convert it first with `megatron-prune convert`)"
+            )
+        data = json.loads(path.read_text())
+        if data.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path}: format version {data.get('format_version')} is not {FORMAT_VERSION}"
+            )
+        return cls(
+            arch=ModelArch.from_dict(data["arch"]),
+            layout=data["layout"],
+            tokenizer=data.get("tokenizer", {}),
+            provenance=data.get("provenance", {}),
+        )
+
+
+def provenance(source: str, **extra: Any) -> dict[str, Any]:
+    from megatron_prune import __version__
+
+    return {
+        "source": source,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tool": f"megatron-prune {__version__}",
+        **extra,
+    }

@@ -1,0 +1,89 @@
+"""What ``convert`` (and every command taking a model) can read: ``gguf:PATH``, a Hugging Face
+folder, or a Megatron checkpoint of this tool. Opening a source reads only headers, so layout
+errors surface before any tensor is loaded."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_prune.checkpoint import gguf_io, hf
+from megatron_prune.checkpoint.metadata import METADATA_FILE, CheckpointError, CheckpointMeta
+from megatron_prune.models.arch import ModelArch
+from megatron_prune.models.families import Family, family_for_hf_config, get_family
+from megatron_prune.models.weight_map import hf_to_megatron
+
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class Source:
+    kind: str  # "gguf" | "hf" | "megatron"
+    path: Path
+    arch: ModelArch
+    family: Family
+
+    def megatron_state(self) -> dict[str, torch.Tensor]:
+        """Whole Megatron-named fp32 tensors (GGUF and HF sources only)."""
+        if self.kind == "gguf":
+            tensors = gguf_io.read_gguf(self.path).tensors
+        elif self.kind == "hf":
+            tensors = hf.read_tensors(self.path)
+        else:
+            raise CheckpointError("a Megatron source is loaded shard by shard, not as a whole")
+        if self.arch.tie_embeddings:
+            tensors.pop("lm_head.weight", None)  # some tied HF checkpoints save both copies
+        return hf_to_megatron(tensors, self.family.rules(self.arch), self.arch)
+
+    def save_tokenizer(self, out_dir: Path) -> dict:
+        """Write Hugging Face tokenizer files to ``out_dir``; return what metadata records."""
+        if self.kind == "megatron":
+            src = self.path / TOKENIZER_DIR
+            if not src.is_dir():
+                return {}
+            shutil.copytree(src, out_dir)
+            return CheckpointMeta.read(self.path).tokenizer
+        if self.kind == "gguf":
+            gguf_io.save_gguf_tokenizer(self.path, out_dir)
+        elif not any((self.path / f).is_file() for f in hf.TOKENIZER_FILES):
+            return {}
+        else:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(str(self.path)).save_pretrained(str(out_dir))
+        return tokenizer_record(out_dir)
+
+
+def tokenizer_record(tokenizer_dir: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return {"path": TOKENIZER_DIR, "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id}
+
+
+def open_source(spec: str) -> Source:
+    """Identify ``spec`` and read its architecture."""
+    if spec.startswith("gguf:"):
+        path = Path(spec[len("gguf:"):])
+        cfg = gguf_io.read_gguf_config(path)
+        family = family_for_hf_config(cfg)
+        return Source("gguf", path, family.arch_from_hf(cfg), family)
+    path = Path(spec)
+    if not path.exists():
+        raise CheckpointError(f"source {spec} does not exist")
+    if (path / METADATA_FILE).is_file():
+        meta = CheckpointMeta.read(path)
+        return Source("megatron", path, meta.arch, get_family(meta.arch.family))
+    if hf.is_hf_folder(path):
+        cfg = hf.read_config(path)
+        family = family_for_hf_config(cfg)
+        return Source("hf", path, family.arch_from_hf(cfg), family)
+    if path.suffix == ".gguf":
+        return open_source(f"gguf:{path}")
+    raise CheckpointError(
+        f"cannot tell what {spec} is: expected gguf:FILE, a Hugging Face folder with config.json, "
+        f"or a megatron-prune checkpoint with {METADATA_FILE}"
+    )

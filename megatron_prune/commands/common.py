@@ -1,0 +1,38 @@
+"""Pieces several commands share: opening a checkpoint at the requested layout."""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_prune.checkpoint.megatron_io import LoadedModel
+from megatron_prune.distributed import add_layout_args, initialize, layout_from_args
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a megatron-prune checkpoint folder")
+    add_layout_args(parser)
+
+
+def world_size_needed(args: argparse.Namespace) -> int:
+    return args.tp * args.pp
+
+
+def open_checkpoint(args: argparse.Namespace) -> LoadedModel:
+    """Validate the layout against the checkpoint's architecture, then build and load."""
+    from megatron_prune.checkpoint.megatron_io import load_model
+    from megatron_prune.checkpoint.metadata import CheckpointMeta
+
+    layout = layout_from_args(args)
+    meta = CheckpointMeta.read(args.checkpoint)
+    meta.arch.check_layout(layout.tp, layout.pp, layout.vpp)
+    accel = initialize(layout, args.device)
+    import torch
+
+    local_rank = int(__import__("os").environ.get("LOCAL_RANK", "0"))
+    device = accel.device(local_rank)
+    return load_model(
+        args.checkpoint,
+        sequence_parallel=layout.sequence_parallel,
+        device=None if device.type == "cpu" else device,
+        params_dtype=torch.float32,
+    )

@@ -1,0 +1,1 @@
+"""Tokenizers and text: calibration and evaluation corpora."""

@@ -1,0 +1,1 @@
+"""Evaluation: pipeline-aware forward passes, perplexity, greedy generation."""

@@ -1,0 +1,111 @@
+"""Forward passes through Megatron's pipeline schedule, at any TP x PP (x VPP) layout.
+
+Logits stay sharded over the vocabulary (TP) unless a caller gathers them; the caller's
+``reduce`` runs on the last pipeline stage and its (small) result is broadcast to every stage.
+
+Notation: b = batch, s = sequence, V = vocabulary, Vp = padded vocabulary, t = TP size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+
+def vocab_shard_range(padded_vocab: int) -> tuple[int, int]:
+    """[start, end) of the vocabulary held by this TP rank."""
+    t = parallel_state.get_tensor_model_parallel_world_size()
+    r = parallel_state.get_tensor_model_parallel_rank()
+    per = padded_vocab // t
+    return r * per, (r + 1) * per
+
+
+def mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Set the logits of padding entries (ids >= V) to -inf so they get no probability.
+
+    logits: [b, s, Vp/t], this rank's shard. Example: V=5, Vp=8, t=2: rank 1 holds ids 4..7 and
+    masks its local columns 1..3.
+    """
+    start, end = vocab_shard_range(logits.shape[-1] * parallel_state.get_tensor_model_parallel_world_size())
+    if end <= vocab_size:
+        return logits
+    local_first_pad = max(vocab_size - start, 0)
+    logits = logits.clone()
+    logits[..., local_first_pad:] = float("-inf")
+    return logits
+
+
+def gather_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[b, s, Vp/t] shards -> whole [b, s, V] logits on every TP rank."""
+    full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    return full[..., :vocab_size]
+
+
+def _broadcast_from_last_stage(result: torch.Tensor | None) -> torch.Tensor:
+    """Send the last stage's result to every stage of this rank's pipeline."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        assert result is not None
+        return result
+    group = parallel_state.get_pipeline_model_parallel_group()
+    src = parallel_state.get_pipeline_model_parallel_last_rank()
+    header = torch.zeros(9, dtype=torch.long)  # ndim, dtype code, up to 7 dims
+    dtypes = [torch.float32, torch.long, torch.float64, torch.bfloat16, torch.float16]
+    if result is not None:
+        header[0] = result.dim()
+        header[1] = dtypes.index(result.dtype)
+        header[2 : 2 + result.dim()] = torch.tensor(result.shape)
+    torch.distributed.broadcast(header, src=src, group=group)
+    shape = tuple(header[2 : 2 + int(header[0])].tolist())
+    if result is None:
+        result = torch.empty(shape, dtype=dtypes[int(header[1])])
+    result = result.contiguous()
+    torch.distributed.broadcast(result, src=src, group=group)
+    return result
+
+
+def forward_reduce(
+    chunks: list[torch.nn.Module],
+    tokens: torch.Tensor,
+    reduce: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Run ``tokens`` [b, s] through the model; return ``reduce(logits_shard)`` on every rank.
+
+    ``reduce`` receives this TP rank's [b, s, Vp/t] logits on the last stage and may use TP
+    collectives (every TP rank of the last stage calls it).
+    """
+    b, s = tokens.shape
+    device = next(chunks[0].parameters()).device
+    tokens = tokens.to(device)
+    position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, -1)
+
+    def step(_data_iterator: object, model: torch.nn.Module):
+        output = model(tokens, position_ids, attention_mask=None)
+
+        def finish(logits: torch.Tensor, non_loss_data: bool = False) -> torch.Tensor:
+            return reduce(logits)
+
+        return output, finish
+
+    n = len(chunks)
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=[iter(()) for _ in range(n)] if n > 1 else iter(()),
+            model=chunks if n > 1 else chunks[0],
+            num_microbatches=1,
+            seq_length=s,
+            micro_batch_size=b,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    result = outputs[0] if last else None
+    return _broadcast_from_last_stage(result)
+
+
+def full_logits(chunks: list[torch.nn.Module], tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Whole [b, s, V] fp32 logits on every rank (for parity checks; costly for big vocabularies)."""
+    return forward_reduce(chunks, tokens, lambda lg: gather_vocab(lg.float(), vocab_size))

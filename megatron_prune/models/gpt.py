@@ -1,0 +1,144 @@
+"""Build a Megatron-Core GPTModel (one per virtual-pipeline chunk) from a :class:`ModelArch`.
+
+Only numbers are chosen here; the modules come from :mod:`megatron_prune.models.spec`.
+Parallelism is whatever Megatron's parallel state says when this runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_prune.models.arch import ModelArch
+from megatron_prune.models.norm import RMSNorm
+from megatron_prune.models.spec import layer_spec
+
+_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
+
+
+def transformer_config(
+    arch: ModelArch,
+    *,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    cpu: bool = True,
+    initialize: bool = True,
+) -> TransformerConfig:
+    """The TransformerConfig for ``arch`` at the current parallel state.
+
+    Fusions that need CUDA kernels are off; on the CPU, point-to-point pipeline communication is
+    unbatched (batched p2p gave wrong numbers with interleaved pipelines on gloo).
+    """
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    arch.check_layout(tp, pp, vpp)
+    window = None
+    if arch.sliding_window is not None:
+        window = (arch.sliding_window - 1, 0)  # (left, right) tokens besides the query itself
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        layernorm_epsilon=arch.norm_eps,
+        layernorm_zero_centered_gamma=arch.zero_centered_gamma,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
+        gated_linear_unit=True,
+        activation_func=_ACTIVATIONS[arch.activation],
+        softmax_scale=arch.softmax_scale,
+        window_size=window,
+        window_attn_skip_freq=arch.global_every,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=cpu,
+        perform_initialization=initialize,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        attention_softmax_in_fp32=True,
+        batch_p2p_comm=not cpu,
+    )
+
+
+def _embedding_scaler(scale: float):
+    def hook(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        return output * torch.tensor(scale, dtype=output.dtype)
+
+    return hook
+
+
+def build_chunk(
+    arch: ModelArch, config: TransformerConfig, vp_stage: int | None = None
+) -> GPTModel:
+    """One GPTModel holding this rank's layers of virtual-pipeline chunk ``vp_stage``."""
+    pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    n_local = get_num_layers_to_build(config, vp_stage=vp_stage)
+    block = TransformerBlockSubmodules(layer_specs=[layer_spec(arch)] * n_local, layer_norm=RMSNorm)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=block,
+        vocab_size=arch.padded_vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre,
+        post_process=post,
+        share_embeddings_and_output_weights=arch.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rope_theta,
+        vp_stage=vp_stage,
+    )
+    if pre and arch.embedding_scale != 1.0:
+        # Gemma multiplies token embeddings by sqrt(h); GPTModel has no slot for it.
+        model.embedding.register_forward_hook(_embedding_scaler(arch.embedding_scale))
+    return model
+
+
+def build_model(
+    arch: ModelArch,
+    *,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+    initialize: bool = True,
+) -> list[GPTModel]:
+    """This rank's model chunks (one unless a virtual pipeline is in use), in eval mode.
+    ``initialize=False`` skips random initialisation when weights are loaded right after."""
+    cpu = device is None or device.type == "cpu"
+    config = transformer_config(
+        arch, sequence_parallel=sequence_parallel, params_dtype=params_dtype, cpu=cpu,
+        initialize=initialize,
+    )
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    stages = [None] if vpp is None else list(range(vpp))
+    chunks = [build_chunk(arch, config, vp_stage=s) for s in stages]
+    for chunk in chunks:
+        if device is not None:
+            chunk.to(device)
+        chunk.eval()
+    return chunks

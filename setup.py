@@ -1,0 +1,37 @@
+"""megatron-prune: structured pruning + online distillation for Megatron-Core models."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-prune",
+    version="0.1.0",
+    description="Structured pruning with weight re-initialisation and online knowledge "
+    "distillation for Megatron-Core LLMs (Pangu Light, AlphaPruning, Tyr-the-Pruner)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_prune", "megatron_prune.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "safetensors",
+        "tokenizers",
+        "gguf",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "psutil",
+        "transformers>=4.50",
+        "sentencepiece",
+        "accelerate",
+    ],
+    extras_require={
+        "npu": ["torch_npu"],
+        "gpu": ["transformer-engine[pytorch]", "apex"],
+        "deepspeed": ["deepspeed"],
+        "wandb": ["wandb"],
+        "dev": ["pytest", "ruff", "rdata", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["megatron-prune=megatron_prune.cli:main"]},
+)
