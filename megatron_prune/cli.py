@@ -52,9 +52,14 @@ def _strip_nproc(argv: list[str]) -> list[str]:
 def relaunch(nproc: int, argv: list[str]) -> int:
     """Run this command again under ``torch.distributed.run`` with ``nproc`` local processes."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "megatron_prune.cli", *_strip_nproc(argv),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "megatron_prune.cli",
+        *_strip_nproc(argv),
     ]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return subprocess.call(cmd, env=env)
@@ -64,11 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     in_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
-    needed = getattr(args.module, "world_size_needed", lambda a: 1)(args)
-    nproc = args.nproc_per_node or (needed if needed > 1 else None)
-    if nproc and not in_torchrun:
-        return relaunch(nproc, argv)
     try:
+        if not in_torchrun:
+            # Bad input is reported here, once, before any process is spawned.
+            getattr(args.module, "validate", lambda a: None)(args)
+            needed = getattr(args.module, "world_size_needed", lambda a: 1)(args)
+            nproc = args.nproc_per_node or (needed if needed > 1 else None)
+            if nproc:
+                return relaunch(nproc, argv)
         args.module.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         # Bad input: one clear line, no traceback, non-zero exit.

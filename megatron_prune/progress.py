@@ -10,7 +10,9 @@ from megatron_prune.log import is_rank0
 T = TypeVar("T")
 
 
-def progress_bar(items: Iterable[T], desc: str, unit: str = "it", enabled: bool = True) -> Iterator[T]:
+def progress_bar(
+    items: Iterable[T], desc: str, unit: str = "it", enabled: bool = True
+) -> Iterator[T]:
     if not (enabled and is_rank0()):
         yield from items
         return

@@ -32,7 +32,10 @@ _COMMON = {
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
 _NAMES = {
-    "llama": {**_COMMON, "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight"},
+    "llama": {
+        **_COMMON,
+        "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    },
     "gemma3": {
         **_COMMON,
         "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",

@@ -47,6 +47,9 @@ def read_tensors(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, 
 def write_folder(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Write one safetensors file and the config (the caller makes the folder atomic)."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

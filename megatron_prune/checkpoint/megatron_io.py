@@ -33,7 +33,9 @@ def load_chunks(chunks: list[torch.nn.Module], directory: Path) -> None:
     """Collective: fill this rank's chunks from a dist checkpoint written at any layout."""
     directory = Path(directory)
     if not (directory / "metadata.json").is_file():
-        raise CheckpointError(f"{directory} holds no Megatron dist checkpoint (metadata.json missing)")
+        raise CheckpointError(
+            f"{directory} holds no Megatron dist checkpoint (metadata.json missing)"
+        )
     try:
         state = dist_checkpointing.load(_sharded_state(chunks), str(directory))
     except Exception as err:  # torch DCP / megatron raise many types for damaged files
@@ -41,13 +43,15 @@ def load_chunks(chunks: list[torch.nn.Module], directory: Path) -> None:
             f"{directory}: cannot load the dist checkpoint, it is truncated or damaged ({err})"
         ) from err
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for chunk, key in zip(chunks, keys):
+    for chunk, key in zip(chunks, keys, strict=True):
         chunk.load_state_dict(state[key], strict=False)
         missing = [
             k for k in chunk.state_dict() if not k.endswith("_extra_state") and k not in state[key]
         ]
         if missing:
-            raise CheckpointError(f"{directory}: tensors missing from the checkpoint: {missing[:3]}")
+            raise CheckpointError(
+                f"{directory}: tensors missing from the checkpoint: {missing[:3]}"
+            )
 
 
 @dataclass
@@ -74,7 +78,10 @@ def load_model(
 
     meta = CheckpointMeta.read(directory)
     chunks = build_model(
-        meta.arch, sequence_parallel=sequence_parallel, params_dtype=params_dtype, device=device,
+        meta.arch,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        device=device,
         initialize=False,
     )
     load_chunks(chunks, Path(directory))

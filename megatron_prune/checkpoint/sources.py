@@ -67,7 +67,7 @@ def tokenizer_record(tokenizer_dir: Path) -> dict:
 def open_source(spec: str) -> Source:
     """Identify ``spec`` and read its architecture."""
     if spec.startswith("gguf:"):
-        path = Path(spec[len("gguf:"):])
+        path = Path(spec[len("gguf:") :])
         cfg = gguf_io.read_gguf_config(path)
         family = family_for_hf_config(cfg)
         return Source("gguf", path, family.arch_from_hf(cfg), family)

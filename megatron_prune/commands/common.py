@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+import torch
 
 from megatron_prune.checkpoint.megatron_io import LoadedModel
 from megatron_prune.distributed import add_layout_args, initialize, layout_from_args
@@ -17,18 +20,22 @@ def world_size_needed(args: argparse.Namespace) -> int:
     return args.tp * args.pp
 
 
-def open_checkpoint(args: argparse.Namespace) -> LoadedModel:
-    """Validate the layout against the checkpoint's architecture, then build and load."""
-    from megatron_prune.checkpoint.megatron_io import load_model
+def validate_checkpoint(args: argparse.Namespace) -> None:
+    """The checkpoint exists, is ours, and runs at the requested layout."""
     from megatron_prune.checkpoint.metadata import CheckpointMeta
 
     layout = layout_from_args(args)
-    meta = CheckpointMeta.read(args.checkpoint)
-    meta.arch.check_layout(layout.tp, layout.pp, layout.vpp)
-    accel = initialize(layout, args.device)
-    import torch
+    CheckpointMeta.read(args.checkpoint).arch.check_layout(layout.tp, layout.pp, layout.vpp)
 
-    local_rank = int(__import__("os").environ.get("LOCAL_RANK", "0"))
+
+def open_checkpoint(args: argparse.Namespace) -> LoadedModel:
+    """Validate the layout against the checkpoint's architecture, then build and load."""
+    from megatron_prune.checkpoint.megatron_io import load_model
+
+    validate_checkpoint(args)
+    layout = layout_from_args(args)
+    accel = initialize(layout, args.device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = accel.device(local_rank)
     return load_model(
         args.checkpoint,

@@ -15,7 +15,9 @@ from megatron_prune.log import log
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="gguf:FILE, a Hugging Face folder, or a megatron-prune checkpoint")
+    parser.add_argument(
+        "src", help="gguf:FILE, a Hugging Face folder, or a megatron-prune checkpoint"
+    )
     parser.add_argument("dst", help="output folder (written atomically)")
     parser.add_argument("--to", choices=["megatron", "hf"], default="megatron")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -26,18 +28,23 @@ def world_size_needed(args: argparse.Namespace) -> int:
     return args.tp * args.pp if args.to == "megatron" else 1
 
 
-def run(args: argparse.Namespace) -> None:
-    dst = Path(args.dst)
-    check_output(dst, args.overwrite)
+def validate(args: argparse.Namespace) -> Source:
+    """Every check that needs no tensor: output, source, layout."""
+    check_output(Path(args.dst), args.overwrite)
     source = open_source(args.src)
     layout = layout_from_args(args)
+    if args.to == "hf" and layout.model_parallel_size != 1:
+        raise ValueError("--to hf writes whole tensors: leave --tp/--pp at 1")
+    source.arch.check_layout(layout.tp, layout.pp, layout.vpp)
+    return source
+
+
+def run(args: argparse.Namespace) -> None:
+    source = validate(args)
     if args.to == "hf":
-        if layout.model_parallel_size != 1:
-            raise ValueError("--to hf writes whole tensors: leave --tp/--pp at 1")
-        to_hf(source, dst, args.overwrite)
+        to_hf(source, Path(args.dst), args.overwrite)
     else:
-        source.arch.check_layout(layout.tp, layout.pp, layout.vpp)
-        to_megatron(source, dst, layout, args.overwrite, args.device)
+        to_megatron(source, Path(args.dst), layout_from_args(args), args.overwrite, args.device)
 
 
 def to_megatron(source: Source, dst: Path, layout, overwrite: bool, device: str | None) -> None:
@@ -96,6 +103,4 @@ def megatron_whole_state(path: Path) -> dict[str, torch.Tensor]:
 
     initialize(ParallelLayout())
     model = load_model(path)
-    return {
-        k: v for k, v in model.chunks[0].state_dict().items() if not k.endswith("_extra_state")
-    }
+    return {k: v for k, v in model.chunks[0].state_dict().items() if not k.endswith("_extra_state")}

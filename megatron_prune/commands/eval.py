@@ -6,9 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from megatron_prune.commands.common import add_checkpoint_args, open_checkpoint, world_size_needed
+from megatron_prune.commands.common import (
+    add_checkpoint_args,
+    open_checkpoint,
+    world_size_needed,
+)
+from megatron_prune.commands.common import validate_checkpoint as validate
 
-__all__ = ["add_arguments", "run", "world_size_needed"]
+__all__ = ["add_arguments", "run", "validate", "world_size_needed"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +36,8 @@ def run(args: argparse.Namespace) -> None:
     ids = tokenizer.encode(data.read_text(encoding="utf-8"))
     model = open_checkpoint(args)
     bos = tokenizer.bos_id if model.arch.needs_bos else None
-    result = perplexity(model.chunks, ids, args.seq_len, model.arch.vocab_size, bos, args.max_tokens)
+    result = perplexity(
+        model.chunks, ids, args.seq_len, model.arch.vocab_size, bos, args.max_tokens
+    )
     if is_rank0():
         print(json.dumps(result.to_dict()), flush=True)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_prune.commands.common import add_checkpoint_args, open_checkpoint, world_size_needed
+from megatron_prune.commands.common import (
+    add_checkpoint_args,
+    open_checkpoint,
+    world_size_needed,
+)
+from megatron_prune.commands.common import validate_checkpoint as validate
 
-__all__ = ["add_arguments", "run", "world_size_needed"]
+__all__ = ["add_arguments", "run", "validate", "world_size_needed"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +30,8 @@ def run(args: argparse.Namespace) -> None:
     ids = tokenizer.encode(args.prompt)
     if model.arch.needs_bos and tokenizer.bos_id is not None:
         ids = [tokenizer.bos_id, *ids]
-    new = greedy_generate(model.chunks, ids, args.max_new_tokens, model.arch.vocab_size, tokenizer.eos_id)
+    new = greedy_generate(
+        model.chunks, ids, args.max_new_tokens, model.arch.vocab_size, tokenizer.eos_id
+    )
     if is_rank0():
         print(args.prompt + tokenizer.decode(new), flush=True)

@@ -24,7 +24,13 @@ from pathlib import Path
 DEBIAN_PACKAGE = "r-cran-janeaustenr"
 _DATA_DIR = "usr/lib/R/site-library/janeaustenr/data"
 EVAL_BOOKS = ("persuasion",)
-CALIBRATION_BOOKS = ("emma", "mansfieldpark", "northangerabbey", "prideprejudice", "sensesensibility")
+CALIBRATION_BOOKS = (
+    "emma",
+    "mansfieldpark",
+    "northangerabbey",
+    "prideprejudice",
+    "sensesensibility",
+)
 
 
 def cache_dir() -> Path:
@@ -54,7 +60,9 @@ def _read_lazyload(data_dir: Path) -> dict[str, str]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rdata: "Unknown file type: assumed RDS"
-        index = rdata.conversion.convert(rdata.parser.parse_data((data_dir / "Rdata.rdx").read_bytes()))
+        index = rdata.conversion.convert(
+            rdata.parser.parse_data((data_dir / "Rdata.rdx").read_bytes())
+        )
         blob = (data_dir / "Rdata.rdb").read_bytes()
         books = {}
         for name, (offset, length) in index["variables"].items():

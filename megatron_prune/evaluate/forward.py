@@ -8,7 +8,7 @@ Notation: b = batch, s = sequence, V = vocabulary, Vp = padded vocabulary, t = T
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -29,7 +29,9 @@ def mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     logits: [b, s, Vp/t], this rank's shard. Example: V=5, Vp=8, t=2: rank 1 holds ids 4..7 and
     masks its local columns 1..3.
     """
-    start, end = vocab_shard_range(logits.shape[-1] * parallel_state.get_tensor_model_parallel_world_size())
+    start, end = vocab_shard_range(
+        logits.shape[-1] * parallel_state.get_tensor_model_parallel_world_size()
+    )
     if end <= vocab_size:
         return logits
     local_first_pad = max(vocab_size - start, 0)
@@ -71,41 +73,50 @@ def forward_reduce(
     tokens: torch.Tensor,
     reduce: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """Run ``tokens`` [b, s] through the model; return ``reduce(logits_shard)`` on every rank.
+    """Run ``tokens`` [b, s] through the model, one row per micro-batch; return the rows'
+    ``reduce(logits_shard)`` results concatenated on dim 0, on every rank.
 
-    ``reduce`` receives this TP rank's [b, s, Vp/t] logits on the last stage and may use TP
-    collectives (every TP rank of the last stage calls it).
+    ``reduce`` receives this TP rank's [1, s, Vp/t] logits on the last stage, may use TP
+    collectives (every TP rank of the last stage calls it) and returns a tensor whose first dim
+    is 1. An interleaved pipeline needs at least PP micro-batches: short batches are padded with
+    repeats whose results are dropped.
     """
     b, s = tokens.shape
     device = next(chunks[0].parameters()).device
-    tokens = tokens.to(device)
-    position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, -1)
+    rows = list(tokens.to(device).split(1))
+    n_chunks = len(chunks)
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if n_chunks > 1 and len(rows) < pp:
+        rows += [rows[-1]] * (pp - len(rows))
+    position_ids = torch.arange(s, device=device).unsqueeze(0)
 
-    def step(_data_iterator: object, model: torch.nn.Module):
-        output = model(tokens, position_ids, attention_mask=None)
+    def step(data_iterator: Iterator[torch.Tensor], model: torch.nn.Module):
+        output = model(next(data_iterator), position_ids, attention_mask=None)
 
         def finish(logits: torch.Tensor, non_loss_data: bool = False) -> torch.Tensor:
             return reduce(logits)
 
         return output, finish
 
-    n = len(chunks)
+    iterators = [iter(rows) for _ in range(n_chunks)]
     with torch.no_grad():
         outputs = get_forward_backward_func()(
             forward_step_func=step,
-            data_iterator=[iter(()) for _ in range(n)] if n > 1 else iter(()),
-            model=chunks if n > 1 else chunks[0],
-            num_microbatches=1,
+            data_iterator=iterators if n_chunks > 1 else iterators[0],
+            model=chunks if n_chunks > 1 else chunks[0],
+            num_microbatches=len(rows),
             seq_length=s,
-            micro_batch_size=b,
+            micro_batch_size=1,
             forward_only=True,
             collect_non_loss_data=True,
         )
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    result = outputs[0] if last else None
+    result = torch.cat(outputs[:b]) if last else None
     return _broadcast_from_last_stage(result)
 
 
-def full_logits(chunks: list[torch.nn.Module], tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Whole [b, s, V] fp32 logits on every rank (for parity checks; costly for big vocabularies)."""
+def full_logits(
+    chunks: list[torch.nn.Module], tokens: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
+    """Whole [b, s, V] fp32 logits on every rank (parity checks; costly for big vocabularies)."""
     return forward_reduce(chunks, tokens, lambda lg: gather_vocab(lg.float(), vocab_size))

@@ -54,7 +54,7 @@ def window_nll_sum(chunks: list[torch.nn.Module], window: list[int], vocab_size:
         losses = tensor_parallel.vocab_parallel_cross_entropy(
             logits.transpose(0, 1).contiguous(), labels.t().contiguous().to(logits.device)
         )
-        return losses.double().sum().reshape(1).cpu()
+        return losses.double().sum().reshape(1).cpu()  # [1]: this micro-batch's sum
 
     return float(forward_reduce(chunks, tokens, reduce)[0])
 

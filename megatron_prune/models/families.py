@@ -35,7 +35,9 @@ def decoder_rules(arch: ModelArch) -> list[Rule]:
             _L + "self_attn.v_proj.weight",
         ),
         Copy(attn + "linear_proj.weight", _L + "self_attn.o_proj.weight"),
-        FuseGateUp(_M + "mlp.linear_fc1.weight", _L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"),
+        FuseGateUp(
+            _M + "mlp.linear_fc1.weight", _L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"
+        ),
         Copy(_M + "mlp.linear_fc2.weight", _L + "mlp.down_proj.weight"),
     ]
     if arch.qkv_bias:
@@ -125,7 +127,9 @@ def _common_hf(arch: ModelArch) -> HFConfig:
 def _llama_arch(cfg: HFConfig, family: str = "llama", **extra: Any) -> ModelArch:
     if cfg.get("hidden_act", "silu") != "silu":
         raise ArchError(f"{family}: activation {cfg['hidden_act']!r} unsupported (want silu)")
-    return ModelArch(**_common(cfg, family), rope_theta=_rope_theta(cfg), activation="silu", **extra)
+    return ModelArch(
+        **_common(cfg, family), rope_theta=_rope_theta(cfg), activation="silu", **extra
+    )
 
 
 def _llama_hf(arch: ModelArch, model_type: str, architecture: str, **extra: Any) -> HFConfig:
@@ -222,7 +226,9 @@ FAMILIES: dict[str, Family] = {
             "llama",
             ("llama",),
             _llama_arch,
-            lambda a: _llama_hf(a, "llama", "LlamaForCausalLM", attention_bias=False, mlp_bias=False),
+            lambda a: _llama_hf(
+                a, "llama", "LlamaForCausalLM", attention_bias=False, mlp_bias=False
+            ),
         ),
         Family(
             "qwen2",
@@ -234,8 +240,9 @@ FAMILIES: dict[str, Family] = {
             "qwen3",
             ("qwen3",),
             lambda c: _llama_arch(c, "qwen3", qk_norm=True, qkv_bias=bool(c.get("attention_bias"))),
-            lambda a: _llama_hf(a, "qwen3", "Qwen3ForCausalLM", attention_bias=a.qkv_bias,
-                                use_sliding_window=False),
+            lambda a: _llama_hf(
+                a, "qwen3", "Qwen3ForCausalLM", attention_bias=a.qkv_bias, use_sliding_window=False
+            ),
         ),
         Family("gemma3", ("gemma3_text", "gemma3"), _gemma3_arch, _gemma3_hf),
         Family(

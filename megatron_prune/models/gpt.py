@@ -131,7 +131,10 @@ def build_model(
     ``initialize=False`` skips random initialisation when weights are loaded right after."""
     cpu = device is None or device.type == "cpu"
     config = transformer_config(
-        arch, sequence_parallel=sequence_parallel, params_dtype=params_dtype, cpu=cpu,
+        arch,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        cpu=cpu,
         initialize=initialize,
     )
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()

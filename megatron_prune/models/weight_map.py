@@ -112,12 +112,16 @@ Rule = Copy | FuseQKV | FuseGateUp
 
 
 def _expand(rule: Rule, layer: int) -> Rule:
-    fields = {k: v.replace("{i}", str(layer)) if isinstance(v, str) else v
-              for k, v in rule.__dict__.items()}
+    fields = {
+        k: v.replace("{i}", str(layer)) if isinstance(v, str) else v
+        for k, v in rule.__dict__.items()
+    }
     return type(rule)(**fields)
 
 
-def expand_rules(layer_rules: Iterable[Rule], other_rules: Iterable[Rule], num_layers: int) -> list[Rule]:
+def expand_rules(
+    layer_rules: Iterable[Rule], other_rules: Iterable[Rule], num_layers: int
+) -> list[Rule]:
     """Concrete rules for a model of ``num_layers`` layers."""
     rules = list(other_rules)
     for i in range(num_layers):

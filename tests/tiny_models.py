@@ -1,0 +1,82 @@
+"""Tiny random Hugging Face checkpoints of every family, with weights scaled so logits are O(1)
+and every norm has non-trivial gamma (a swapped norm mapping then changes the logits)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_prune.checkpoint import hf
+from megatron_prune.models.families import get_family
+
+COMMON = dict(
+    vocab_size=250,  # padded to 256: exercises vocabulary padding
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=128,
+)
+
+
+def hf_config(family: str):
+    import transformers as tf
+
+    if family == "llama":
+        return tf.LlamaConfig(**COMMON, tie_word_embeddings=True, rope_theta=500.0)
+    if family == "qwen2":
+        return tf.Qwen2Config(**COMMON, tie_word_embeddings=False)
+    if family == "qwen3":
+        return tf.Qwen3Config(**{**COMMON, "head_dim": 24}, tie_word_embeddings=False)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(
+            **COMMON,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            query_pre_attn_scalar=20,
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
+            },
+        )
+    raise ValueError(family)
+
+
+def perturb(model: torch.nn.Module, seed: int, zero_centered: bool = False) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.dim() == 1 and "norm" in name:
+                p.copy_((0.0 if zero_centered else 1.0) + 0.3 * noise)
+            elif p.dim() == 1:
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(noise * (1.0 / p.shape[-1] ** 0.5))
+
+
+def make_hf_model(family: str, seed: int = 0) -> torch.nn.Module:
+    import transformers as tf
+
+    config = hf_config(family)
+    config._attn_implementation = "eager"
+    cls = tf.Gemma3ForCausalLM if family == "gemma3" else tf.AutoModelForCausalLM
+    model = cls.from_config(config) if cls is tf.AutoModelForCausalLM else cls(config)
+    perturb(model, seed, zero_centered=family == "gemma3")
+    return model.eval()
+
+
+def save_hf_model(model: torch.nn.Module, folder: Path) -> Path:
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def save_reference_model(model: torch.nn.Module, arch, folder: Path) -> Path:
+    """A model with no transformers class (pangu): our own HF-style folder."""
+    state = {k: v for k, v in model.state_dict().items()}
+    hf.write_folder(folder, get_family(arch.family).hf_from_arch(arch), state)
+    return folder
