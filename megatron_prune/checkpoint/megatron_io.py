@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_prune.checkpoint.metadata import CheckpointError, CheckpointMeta
 from megatron_prune.models.arch import ModelArch
@@ -38,9 +39,10 @@ def load_chunks(chunks: list[torch.nn.Module], directory: Path) -> None:
         )
     try:
         state = dist_checkpointing.load(_sharded_state(chunks), str(directory))
-    except Exception as err:  # torch DCP / megatron raise many types for damaged files
+    except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
         raise CheckpointError(
-            f"{directory}: cannot load the dist checkpoint, it is truncated or damaged ({err})"
+            f"{directory}: cannot load the dist checkpoint, it is truncated or damaged "
+            f"({_root_cause(err)})"
         ) from err
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for chunk, key in zip(chunks, keys, strict=True):
@@ -52,6 +54,16 @@ def load_chunks(chunks: list[torch.nn.Module], directory: Path) -> None:
             raise CheckpointError(
                 f"{directory}: tensors missing from the checkpoint: {missing[:3]}"
             )
+
+
+def _root_cause(err: BaseException) -> str:
+    """One line naming what failed; DCP wraps per-rank failures with their full tracebacks."""
+    if isinstance(err, CheckpointException) and err.failures:
+        failure = next(iter(err.failures.values()))
+        if isinstance(failure, tuple):  # (exception, traceback frames)
+            failure = failure[0]
+        err = getattr(failure, "exc_value", failure)  # DCP's _WrappedException
+    return f"{type(err).__name__}: {err}".rstrip(": ")
 
 
 @dataclass

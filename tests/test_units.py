@@ -1,0 +1,139 @@
+"""Pure, single-process units: index maps, windows, layouts, atomic outputs, the CPU shim."""
+
+import pytest
+import torch
+
+from megatron_prune.checkpoint.atomic import OutputExistsError, atomic_directory
+from megatron_prune.distributed import ParallelLayout
+from megatron_prune.evaluate.perplexity import windows
+from megatron_prune.models.arch import ArchError, ModelArch
+from megatron_prune.models.families import FAMILIES, family_for_hf_config
+from megatron_prune.models.weight_map import (
+    FuseQKV,
+    WeightMapError,
+    hf_to_megatron,
+    megatron_to_hf,
+)
+
+ARCH = ModelArch(family="llama", num_layers=2, hidden_size=8, ffn_hidden_size=12,
+                 num_attention_heads=4, num_query_groups=2, head_dim=1, vocab_size=10)  # fmt: skip
+
+
+def test_fuse_qkv_worked_example():
+    rule = FuseQKV("qkv", "q", "k", "v")
+    hf = {"q": torch.tensor([[0.0], [1], [2], [3]]), "k": torch.tensor([[10.0], [11]]),
+          "v": torch.tensor([[20.0], [21]])}  # fmt: skip
+    fused = rule.to_megatron(hf.__getitem__, ARCH)
+    assert fused.flatten().tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
+    back = rule.to_hf(fused, ARCH)
+    assert all(torch.equal(back[k], hf[k]) for k in hf)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("flags", [{}, {"qkv_bias": True, "qk_norm": True, "post_norms": True}])
+def test_weight_table_round_trip_is_exact(family, flags):
+    arch = ModelArch(**{**ARCH.to_dict(), "family": family, **flags})
+    rules = FAMILIES[family].rules(arch)
+    g = torch.Generator().manual_seed(0)
+    shapes = {"q": (4, 8), "k": (2, 8), "v": (2, 8)}
+    hf = {}
+    for r in rules:
+        for name in r.hf_names():
+            kind = name.split(".")[-2][0]
+            if name.endswith("bias"):
+                hf[name] = torch.randn(shapes.get(kind, (4, 8))[0], generator=g)
+            elif "proj" in name and kind in shapes:
+                hf[name] = torch.randn(shapes[kind], generator=g)
+            elif "norm" in name:
+                hf[name] = torch.randn(1 if "q_norm" in name or "k_norm" in name else 8, generator=g)
+            elif "embed" in name or "lm_head" in name:
+                hf[name] = torch.randn(10, 8, generator=g)
+            elif "o_proj" in name or "down" in name:
+                hf[name] = torch.randn(8, 4 if "o_proj" in name else 12, generator=g)
+            else:
+                hf[name] = torch.randn(12, 8, generator=g)
+    mcore = hf_to_megatron(hf, rules, arch)
+    assert mcore["embedding.word_embeddings.weight"].shape[0] == arch.padded_vocab_size == 128
+    back = megatron_to_hf(mcore, rules, arch)
+    assert sorted(back) == sorted(hf)
+    assert all(torch.equal(back[k], hf[k]) for k in hf)
+
+
+def test_unknown_source_tensor_is_refused():
+    rules = FAMILIES["llama"].rules(ARCH)
+    with pytest.raises(WeightMapError, match="missing"):
+        hf_to_megatron({"model.embed_tokens.weight": torch.zeros(10, 8)}, rules, ARCH)
+
+
+def test_unknown_model_type_is_refused():
+    with pytest.raises(ArchError, match="not supported"):
+        family_for_hf_config({"model_type": "mamba"})
+
+
+def test_layout_errors_name_valid_values():
+    smol = ModelArch(family="llama", num_layers=30, hidden_size=576, ffn_hidden_size=1536,
+                     num_attention_heads=9, num_query_groups=3, head_dim=64, vocab_size=49152)  # fmt: skip
+    with pytest.raises(ArchError, match=r"TP=2 does not divide num_attention_heads=9 \(valid TP: \[1, 3, 9\]\)"):
+        smol.check_layout(2, 1)
+    with pytest.raises(ArchError, match="PP=31 needs at least 31 layers"):
+        smol.check_layout(1, 31)
+    with pytest.raises(ArchError, match="does not divide num_layers=30"):
+        smol.check_layout(1, 4)
+    smol.check_layout(3, 2)
+    with pytest.raises(ValueError, match="--sequence-parallel needs"):
+        ParallelLayout(sequence_parallel=True)
+    with pytest.raises(ValueError, match="not divisible by tp"):
+        ParallelLayout(tp=2, pp=2).data_parallel_size(6)
+
+
+def test_windows_protocol():
+    assert list(windows([5, 6, 7, 8, 9], 3, None)) == [[5, 6, 7], [8, 9]]
+    assert list(windows([5, 6, 7, 8, 9], 3, 1)) == [[1, 5, 6], [1, 7, 8], [1, 9]]
+    assert list(windows([5, 6, 7, 8], 2, None)) == [[5, 6], [7, 8]]
+    assert list(windows([5, 6, 7], 2, None)) == [[5, 6]]  # a 1-token tail predicts nothing
+
+
+def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
+    dst = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(dst) as scratch:
+            (scratch / "half").write_text("x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_directory_overwrite_rules(tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "old").write_text("keep")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        with atomic_directory(dst):
+            pass
+    assert (dst / "old").read_text() == "keep"
+    with atomic_directory(dst, overwrite=True) as scratch:
+        (scratch / "new").write_text("y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in dst.iterdir()] == ["new"]
+
+
+def test_cpu_shim_is_idempotent_and_scoped():
+    from megatron_prune import accelerator
+
+    accel = accelerator.prepare("cpu")
+    assert (accel.kind, accel.backend) == ("cpu", "gloo")
+    accelerator.apply_cpu_shim()  # a second call changes nothing
+    assert accelerator.shim_applied()
+    import megatron.core.transformer.utils as mutils
+
+    mask = mutils.get_sliding_window_causal_mask(4, 4, (1, 0))  # has device="cuda" inside
+    assert mask.device.type == "cpu"
+    assert mask.tolist()[3] == [True, True, False, False]  # True = masked
+    assert torch.zeros(1).device.type == "cpu"  # plain torch untouched elsewhere
+    assert torch.cuda.current_device() == "cpu"
+
+
+def test_accelerator_rejects_unknown_device():
+    from megatron_prune.accelerator import detect
+
+    with pytest.raises(ValueError, match="unknown device"):
+        detect("tpu")
