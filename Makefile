@@ -32,7 +32,7 @@ lint: setup
 	$(VENV)/bin/ruff check megatron_prune tests tools
 
 demo: setup
-	$(PY) -m megatron_prune.demo $(DEMO)
+	$(VENV)/bin/megatron-prune run configs/demo_smollm2.yaml --workdir $(DEMO)
 
 bench: setup
 	$(PY) tools/bench_convert.py

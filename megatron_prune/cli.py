@@ -17,6 +17,7 @@ COMMANDS = {
     "convert": "Convert GGUF / Hugging Face / Megatron checkpoints, at any TP x PP",
     "eval": "Evaluate a checkpoint (ppl: perplexity on a text file)",
     "generate": "Greedy generation from a prompt",
+    "run": "Run a YAML recipe (a list of the commands above)",
 }
 
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             if nproc:
                 return relaunch(nproc, argv)
         args.module.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as err:
         # Bad input: one clear line, no traceback, non-zero exit.
         print(f"megatron-prune {args.command}: error: {err}", file=sys.stderr)
         return 2
