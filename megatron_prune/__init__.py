@@ -15,3 +15,4 @@ _warnings.filterwarnings("ignore", message=r"Please use DTensor instead", catego
 _warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
 _warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 _warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS")
+_warnings.filterwarnings("ignore", message=r"`torch.distributed.all_gather_into_tensor` is deprecated")

@@ -4,6 +4,7 @@ errors surface before any tensor is loaded."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,20 +49,37 @@ class Source:
             return CheckpointMeta.read(self.path).tokenizer
         if self.kind == "gguf":
             gguf_io.save_gguf_tokenizer(self.path, out_dir)
-        elif not any((self.path / f).is_file() for f in hf.TOKENIZER_FILES):
-            return {}
-        else:
+        elif (self.path / "tokenizer.json").is_file():
+            out_dir.mkdir()  # a fast tokenizer is copied as is
+            for name in hf.TOKENIZER_FILES:
+                if (self.path / name).is_file():
+                    shutil.copy2(self.path / name, out_dir / name)
+        elif (self.path / "tokenizer.model").is_file():  # sentencepiece only: build tokenizer.json
             from transformers import AutoTokenizer
 
             AutoTokenizer.from_pretrained(str(self.path)).save_pretrained(str(out_dir))
+        else:
+            return {}
         return tokenizer_record(out_dir)
 
 
-def tokenizer_record(tokenizer_dir: Path) -> dict:
-    from transformers import AutoTokenizer
+def _special_token(config: dict, name: str) -> str | None:
+    token = config.get(name)
+    return token.get("content") if isinstance(token, dict) else token
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    return {"path": TOKENIZER_DIR, "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id}
+
+def tokenizer_record(tokenizer_dir: Path) -> dict:
+    """What metadata keeps of a tokenizer: its folder and the BOS / EOS ids."""
+    from tokenizers import Tokenizer
+
+    config_file = tokenizer_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    ids = {}
+    for key in ("bos", "eos"):
+        token = _special_token(config, f"{key}_token")
+        ids[f"{key}_id"] = tok.token_to_id(token) if token else None
+    return {"path": TOKENIZER_DIR, **ids}
 
 
 def open_source(spec: str) -> Source:
