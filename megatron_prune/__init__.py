@@ -12,7 +12,11 @@ _warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not i
 _warnings.filterwarnings("ignore", message=r"Please use DTensor instead", category=FutureWarning)
 # megatron-core 0.16 calls torch DCP's deprecated load_state_dict and warns about its own
 # TransformerConfig defaults; neither is actionable by our users.
-_warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
+_warnings.filterwarnings(
+    "ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning
+)
 _warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 _warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS")
-_warnings.filterwarnings("ignore", message=r"`torch.distributed.all_gather_into_tensor` is deprecated")
+_warnings.filterwarnings(
+    "ignore", message=r"`torch.distributed.all_gather_into_tensor` is deprecated"
+)

@@ -17,6 +17,7 @@ COMMANDS = {
     "convert": "Convert GGUF / Hugging Face / Megatron checkpoints, at any TP x PP",
     "eval": "Evaluate a checkpoint (ppl: perplexity on a text file)",
     "generate": "Greedy generation from a prompt",
+    "score": "Importance scores from calibration activations, at any layout",
     "run": "Run a YAML recipe (a list of the commands above)",
 }
 

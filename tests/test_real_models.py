@@ -46,7 +46,9 @@ def hf_reference(gguf_path, text, needs_bos):
         logits = model(torch.tensor([prompt])).logits.float()
         for w in windows(ids[:PPL_TOKENS], SEQ_LEN, bos):
             out = model(torch.tensor([w])).logits[0, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(out, torch.tensor(w[1:]), reduction="sum"))
+            nll += float(
+                torch.nn.functional.cross_entropy(out, torch.tensor(w[1:]), reduction="sum")
+            )
             count += len(w) - 1
     return torch.tensor([prompt]), logits, ids[:PPL_TOKENS], bos, nll / count
 
@@ -83,12 +85,16 @@ def check_report(report, hf_nll):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_real_model_parity_and_roundtrip(name, tmp_path, austen_eval_text):
     cfg = MODELS[name]
-    report, hf_nll = run_real_model(name, tmp_path, austen_eval_text, cfg["layouts"], cfg["convert"])
+    report, hf_nll = run_real_model(
+        name, tmp_path, austen_eval_text, cfg["layouts"], cfg["convert"]
+    )
     print(json.dumps(report))
     check_report(report, hf_nll)
 
 
 @pytest.mark.slow
 def test_smollm2_tensor_parallel_3(tmp_path, austen_eval_text):
-    report, hf_nll = run_real_model("smollm2", tmp_path, austen_eval_text, [{"tp": 3}], {"tp": 3}, 3)
+    report, hf_nll = run_real_model(
+        "smollm2", tmp_path, austen_eval_text, [{"tp": 3}], {"tp": 3}, 3
+    )
     check_report(report, hf_nll)

@@ -45,7 +45,9 @@ def test_weight_table_round_trip_is_exact(family, flags):
             elif "proj" in name and kind in shapes:
                 hf[name] = torch.randn(shapes[kind], generator=g)
             elif "norm" in name:
-                hf[name] = torch.randn(1 if "q_norm" in name or "k_norm" in name else 8, generator=g)
+                hf[name] = torch.randn(
+                    1 if "q_norm" in name or "k_norm" in name else 8, generator=g
+                )
             elif "embed" in name or "lm_head" in name:
                 hf[name] = torch.randn(10, 8, generator=g)
             elif "o_proj" in name or "down" in name:
@@ -71,9 +73,13 @@ def test_unknown_model_type_is_refused():
 
 
 def test_layout_errors_name_valid_values():
-    smol = ModelArch(family="llama", num_layers=30, hidden_size=576, ffn_hidden_size=1536,
-                     num_attention_heads=9, num_query_groups=3, head_dim=64, vocab_size=49152)  # fmt: skip
-    with pytest.raises(ArchError, match=r"TP=2 does not divide num_attention_heads=9 \(valid TP: \[1, 3, 9\]\)"):
+    smol = ModelArch(
+        family="llama", num_layers=30, hidden_size=576, ffn_hidden_size=1536,
+        num_attention_heads=9, num_query_groups=3, head_dim=64, vocab_size=49152,
+    )  # fmt: skip
+    with pytest.raises(
+        ArchError, match=r"TP=2 does not divide num_attention_heads=9 \(valid TP: \[1, 3, 9\]\)"
+    ):
         smol.check_layout(2, 1)
     with pytest.raises(ArchError, match="PP=31 needs at least 31 layers"):
         smol.check_layout(1, 31)

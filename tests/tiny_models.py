@@ -80,3 +80,28 @@ def save_reference_model(model: torch.nn.Module, arch, folder: Path) -> Path:
     state = {k: v for k, v in model.state_dict().items()}
     hf.write_folder(folder, get_family(arch.family).hf_from_arch(arch), state)
     return folder
+
+
+def save_word_tokenizer(folder: Path, text: str, vocab_size: int = 250) -> None:
+    """A word-level tokenizer over the most frequent words of ``text`` (ids < vocab_size), with
+    <unk> and <bos>, saved as Hugging Face tokenizer files in ``folder``."""
+    import collections
+    import json
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = collections.Counter(re.findall(r"\w+|[^\w\s]", text.lower()))
+    vocab = {"<unk>": 0, "<bos>": 1}
+    for word, _ in words.most_common(vocab_size - len(vocab)):
+        vocab[word] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.normalizer = __import__("tokenizers").normalizers.Lowercase()
+    tok.save(str(folder / "tokenizer.json"))
+    config = {
+        "bos_token": "<bos>",
+        "unk_token": "<unk>",
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))

@@ -27,7 +27,12 @@ import yaml
 
 from megatron_prune.log import log
 
-POSITIONAL = {"convert": ("src", "dst"), "eval": ("metric", "checkpoint"), "generate": ("checkpoint",)}
+POSITIONAL = {
+    "convert": ("src", "dst"),
+    "eval": ("metric", "checkpoint"),
+    "generate": ("checkpoint",),
+    "score": ("checkpoint",),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +77,7 @@ def step_argv(step: dict[str, Any], env: dict[str, str], workdir: str) -> list[s
     """One recipe step -> the argv of ``megatron-prune``."""
     if not isinstance(step, dict) or len(step) != 1:
         raise ValueError(f"a recipe step is a one-key mapping {{command: {{flags}}}}, got {step!r}")
-    (command, flags), = step.items()
+    ((command, flags),) = step.items()
     if command not in POSITIONAL:
         raise ValueError(f"unknown recipe command {command!r}; known: {sorted(POSITIONAL)}")
     flags = dict(flags or {})

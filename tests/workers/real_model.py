@@ -25,8 +25,13 @@ def main() -> None:
     work = Path(spec["workdir"])
     report: dict = {"logits": {}}
     first = work / "mcore"
-    to_megatron(open_source(spec["gguf"]), first, ParallelLayout(**spec["convert_layout"]),
-                overwrite=True, device="cpu")
+    to_megatron(
+        open_source(spec["gguf"]),
+        first,
+        ParallelLayout(**spec["convert_layout"]),
+        overwrite=True,
+        device="cpu",
+    )
     tokens = torch.load(spec["tokens"])
     ref = torch.load(spec["ref_logits"])
     for layout in spec["layouts"]:
@@ -37,15 +42,26 @@ def main() -> None:
         report["logits"][json.dumps(layout)] = float((logits - ref).abs().max())
         if layout == spec["ppl_layout"]:
             ids = torch.load(spec["ppl_ids"]).tolist()
-            res = perplexity(model.chunks, ids, spec["seq_len"], model.arch.vocab_size,
-                             spec["bos_id"], progress=False)
+            res = perplexity(
+                model.chunks,
+                ids,
+                spec["seq_len"],
+                model.arch.vocab_size,
+                spec["bos_id"],
+                progress=False,
+            )
             report["ppl"] = res.to_dict()
         del model
 
     # round trip: -> HF -> Megatron at TP=1, compare every tensor
     to_hf(open_source(str(first)), work / "hf", overwrite=True)
-    to_megatron(open_source(str(work / "hf")), work / "mcore2", ParallelLayout(),
-                overwrite=True, device="cpu")
+    to_megatron(
+        open_source(str(work / "hf")),
+        work / "mcore2",
+        ParallelLayout(),
+        overwrite=True,
+        device="cpu",
+    )
     a, b = megatron_whole_state(first), megatron_whole_state(work / "mcore2")
     report["roundtrip_keys_equal"] = sorted(a) == sorted(b)
     report["roundtrip_unequal"] = [k for k in a if k in b and not torch.equal(a[k], b[k])]

@@ -1,0 +1,257 @@
+"""The ``score`` job: calibration forward passes with hooks, then score files.
+
+Output folder (written as ``OUT.partial`` and renamed when complete)::
+
+    scores.safetensors   every score, global index space, the same names at every layout
+    meta.json            metrics, layout, tokens seen, checkpoint, data hash, settings
+
+While running, ``OUT.partial`` also holds ``partial.safetensors`` + ``partial.json``: the
+world-wide sums after the last finished round, from which ``--resume`` continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+from safetensors.torch import load_file, save_file
+
+from megatron_prune.checkpoint.atomic import OutputExistsError
+from megatron_prune.evaluate.perplexity import window_nll_sum
+from megatron_prune.importance.calibration import file_sha256, packed_samples
+from megatron_prune.importance.esd import MATRICES, esd_alpha, gram_eigenvalues, layer_matrices
+from megatron_prune.importance.finalize import finalize
+from megatron_prune.importance.hooks import ImportanceHooks, RankView
+from megatron_prune.log import is_rank0, log
+from megatron_prune.models.arch import ModelArch
+
+ACTIVATION_METRICS = ("channel", "head", "group", "neuron", "layer", "post_norm", "minitron",
+                      "wanda", "flap")  # fmt: skip
+ALL_METRICS = (*ACTIVATION_METRICS, "layer_ppl", "esd")
+DEFAULT_METRICS = ("channel", "head", "group", "neuron", "layer", "post_norm")
+SCORES_FILE, META_FILE = "scores.safetensors", "meta.json"
+PARTIAL_FILE, PARTIAL_META = "partial.safetensors", "partial.json"
+FORMAT_VERSION = 1
+
+
+class ScoreError(ValueError):
+    pass
+
+
+@dataclass
+class ScoreJob:
+    checkpoint: str
+    data: str
+    samples: int
+    seq_len: int
+    out: str
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
+    seed: int = 1234
+    micro_batches: int = 2  # samples per forward call per data-parallel rank
+    save_every: int = 8  # rounds between partial saves
+    stop_after: int | None = None  # samples in this run, then save and stop
+    esd_method: str = "xmin_peak"
+    ppl_samples: int = 4
+
+    def identity(self) -> dict:
+        """What must match for --resume to continue a partial run."""
+        keys = ("checkpoint", "samples", "seq_len", "metrics", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+
+def _barrier() -> None:
+    torch.distributed.barrier()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def prepare_output(job: ScoreJob, resume: bool, overwrite: bool) -> tuple[Path, int, dict]:
+    """(scratch dir, samples already done, sums so far). Collective."""
+    out = Path(job.out)
+    scratch = out.with_name(out.name + ".partial")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(out)
+    done, sums = 0, {}
+    if resume:
+        meta_path = scratch / PARTIAL_META
+        if not meta_path.is_file():
+            raise ScoreError(f"--resume: no partial run in {scratch}")
+        partial = json.loads(meta_path.read_text())
+        if partial["job"] != job.identity() or partial["data_sha256"] != file_sha256(
+            Path(job.data)
+        ):
+            raise ScoreError(
+                f"--resume: the partial run in {scratch} was started with other settings, data "
+                f"or checkpoint ({partial['job']}); start afresh without --resume"
+            )
+        done = partial["samples_done"]
+        sums = load_file(str(scratch / PARTIAL_FILE))
+    elif is_rank0():
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+    _barrier()
+    return scratch, done, sums
+
+
+def layer_ppl(chunks, arch: ModelArch, samples: torch.Tensor, view) -> dict[str, torch.Tensor]:
+    """Perplexity with each layer removed (and the base), ShortGPT's ppl-based importance."""
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), view.dp_rank
+    mine = samples[dp_rank::dp]
+    tokens = samples.shape[0] * (samples.shape[1] - 1)
+    layers = {layer.layer_number - 1: layer for c in chunks for layer in c.decoder.layers}
+
+    def ppl() -> float:
+        nll = torch.zeros(1, dtype=torch.float64)
+        for row in mine:
+            nll += window_nll_sum(chunks, row.tolist(), arch.vocab_size)
+        torch.distributed.all_reduce(nll, group=parallel_state.get_data_parallel_group())
+        return float(torch.exp(nll / tokens))
+
+    def skip(_m, args, kwargs, output):
+        h_in = args[0] if args else kwargs["hidden_states"]
+        return (h_in, output[1]) if isinstance(output, tuple) else h_in
+
+    base = ppl()
+    without = torch.zeros(arch.num_layers)
+    for i in range(arch.num_layers):
+        handle = layers[i].register_forward_hook(skip, with_kwargs=True) if i in layers else None
+        without[i] = ppl()
+        if handle is not None:
+            handle.remove()
+    return {"layer/ppl_without": without, "layer/ppl_increase": without - base}
+
+
+def esd_scores(chunks, arch: ModelArch, view, method: str) -> dict[str, torch.Tensor]:
+    alphas = torch.zeros(arch.num_layers, len(MATRICES), dtype=torch.float64)
+    for chunk in chunks:
+        for layer in chunk.decoder.layers:
+            for j, (name, (w, split_rows)) in enumerate(layer_matrices(layer, arch).items()):
+                assert name == MATRICES[j]
+                eigs = gram_eigenvalues(w, split_rows, view.tp_group)
+                if view.tp_rank == 0 and view.dp_rank == 0:  # one contribution per layer
+                    alphas[layer.layer_number - 1, j] = esd_alpha(eigs, method)
+    torch.distributed.all_reduce(alphas)
+    return {"esd/alpha": alphas.float(), "esd/block_alpha": alphas.mean(1).float()}
+
+
+def run_score_job(job: ScoreJob, model, tokenizer, layout, resume: bool, overwrite: bool) -> bool:
+    """Score ``model`` (already loaded at ``layout``). Returns False if stopped early."""
+    from megatron_prune.evaluate.forward import forward_reduce
+    from megatron_prune.progress import progress_bar
+
+    arch: ModelArch = model.arch
+    metrics = set(job.metrics)
+    unknown = metrics - set(ALL_METRICS)
+    if unknown:
+        raise ScoreError(f"unknown metrics {sorted(unknown)}; choose from {list(ALL_METRICS)}")
+    data = Path(job.data)
+    text = data.read_text(encoding="utf-8")
+    bos = tokenizer.bos_id if arch.needs_bos else None
+    samples = packed_samples(tokenizer.encode(text), job.samples, job.seq_len, job.seed, bos)
+    scratch, done, loaded = prepare_output(job, resume, overwrite)
+
+    view = RankView.current(layout.sequence_parallel)
+    dp = parallel_state.get_data_parallel_world_size()
+    hooks = ImportanceHooks(model.chunks, arch, metrics, view)
+    hooks.seq_len = job.seq_len
+    if loaded and torch.distributed.get_rank() == 0:
+        hooks.sums.load(loaded)  # the world's sums so far live on one rank only
+    names = sorted(hooks.shapes)
+    per_round = dp * job.micro_batches
+    limit = job.samples if job.stop_after is None else min(job.samples, done + job.stop_after)
+    rounds = range(done, limit, per_round)
+
+    def save_partial(samples_done: int) -> None:
+        sums = hooks.sums.all_reduced(names)
+        if is_rank0():
+            _save_tensors(scratch / PARTIAL_FILE, sums)
+            _write_json(scratch / PARTIAL_META, {
+                "job": job.identity(), "samples_done": samples_done,
+                "data_sha256": file_sha256(data),
+            })  # fmt: skip
+        _barrier()
+
+    log(f"scoring {limit - done} samples x {job.seq_len} tokens ({sorted(metrics)})")
+    started = time.perf_counter()
+    bar = progress_bar(rounds, desc="score", unit="round")
+    for k, start in enumerate(bar, 1):
+        first = start + view.dp_rank * job.micro_batches
+        mine = samples[first : min(first + job.micro_batches, limit)]
+        if len(mine):
+            forward_reduce(model.chunks, mine, lambda logits: torch.zeros(1))
+        done = min(start + per_round, limit)
+        if k % job.save_every == 0 and done < limit:
+            save_partial(done)
+    elapsed = time.perf_counter() - started
+    hooks.remove()
+    if done < job.samples:
+        save_partial(done)
+        log(f"stopped after {done}/{job.samples} samples; rerun with --resume to continue")
+        return False
+
+    hooks.add_weight_stats(model.chunks)
+    scores = finalize(hooks.sums.all_reduced(names), arch, tokens=job.samples * job.seq_len)
+    if "esd" in metrics:
+        scores.update(esd_scores(model.chunks, arch, view, job.esd_method))
+    if "layer_ppl" in metrics:
+        scores.update(layer_ppl(model.chunks, arch, samples[: job.ppl_samples], view))
+    if is_rank0():
+        _save_tensors(scratch / SCORES_FILE, scores)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "arch": arch.to_dict(),
+            "job": asdict(job),
+            "layout": {**layout.to_dict(), "dp": dp},
+            "tokens": job.samples * job.seq_len,
+            "data_sha256": file_sha256(data),
+            "calibration_seconds": elapsed,
+            "scores": sorted(scores),
+        }
+        _write_json(scratch / META_FILE, meta)
+        for name in (PARTIAL_FILE, PARTIAL_META):
+            (scratch / name).unlink(missing_ok=True)
+        out = Path(job.out)
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        scratch.rename(out)
+    _barrier()
+    log(f"wrote {job.out}")
+    return True
+
+
+def load_scores(directory: str | Path, arch: ModelArch | None = None) -> dict[str, torch.Tensor]:
+    """Read a score folder; with ``arch``, refuse scores computed for another model."""
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise ScoreError(f"{directory} holds no scores ({META_FILE} missing)")
+    meta = json.loads(meta_path.read_text())
+    if arch is not None:
+        theirs = ModelArch.from_dict(meta["arch"])
+        if theirs != arch:
+            diff = {k: (v, getattr(arch, k)) for k, v in theirs.to_dict().items()
+                    if getattr(arch, k) != v}  # fmt: skip
+            raise ScoreError(
+                f"scores in {directory} were computed for a {theirs.family} model that differs "
+                f"from this {arch.family} checkpoint: {diff} (score this checkpoint first)"
+            )
+    return load_file(str(directory / SCORES_FILE))
