@@ -12,3 +12,10 @@ def austen_eval_text() -> Path:
     from megatron_prune.data.corpus import cache_dir, write_splits
 
     return write_splits(cache_dir() / "text")[1]
+
+
+@pytest.fixture(scope="session")
+def austen_calibration_text() -> Path:
+    from megatron_prune.data.corpus import cache_dir, write_splits
+
+    return write_splits(cache_dir() / "text")[0]

@@ -197,7 +197,7 @@ class ImportanceHooks:
                 self._add("channel.abs_sum", (slice(None),), y.abs().sum((0, 1)))
             if "minitron" in metrics:  # mean |y| over the sequence, then L2 over samples
                 per_sample = self._tp_sum(y.abs().sum(0)) / self.seq_len  # [b, h]
-                if self.view.adds_hidden_stats:
+                if self.view.tp_rank == 0:  # whole-sequence values now on every TP rank
                     self._add(f"minitron.{kind}", (i,), per_sample.pow(2).sum(0))
             if kind.startswith("post_") and f"{kind}.inv_rms_sum" in self.shapes:
                 if self.view.adds_hidden_stats:

@@ -154,7 +154,7 @@ def esd_scores(chunks, arch: ModelArch, view, method: str) -> dict[str, torch.Te
 def run_score_job(job: ScoreJob, model, tokenizer, layout, resume: bool, overwrite: bool) -> bool:
     """Score ``model`` (already loaded at ``layout``). Returns False if stopped early."""
     from megatron_prune.evaluate.forward import forward_reduce
-    from megatron_prune.progress import progress_bar
+    from megatron_prune.progress import TokenCounter
 
     arch: ModelArch = model.arch
     metrics = set(job.metrics)
@@ -190,15 +190,17 @@ def run_score_job(job: ScoreJob, model, tokenizer, layout, resume: bool, overwri
 
     log(f"scoring {limit - done} samples x {job.seq_len} tokens ({sorted(metrics)})")
     started = time.perf_counter()
-    bar = progress_bar(rounds, desc="score", unit="round")
-    for k, start in enumerate(bar, 1):
+    bar = TokenCounter((limit - done) * job.seq_len, desc="score")
+    for k, start in enumerate(rounds, 1):
         first = start + view.dp_rank * job.micro_batches
         mine = samples[first : min(first + job.micro_batches, limit)]
         if len(mine):
             forward_reduce(model.chunks, mine, lambda logits: torch.zeros(1))
+        bar.update((min(start + per_round, limit) - done) * job.seq_len)
         done = min(start + per_round, limit)
         if k % job.save_every == 0 and done < limit:
             save_partial(done)
+    bar.close()
     elapsed = time.perf_counter() - started
     hooks.remove()
     if done < job.samples:
