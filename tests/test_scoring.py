@@ -21,6 +21,7 @@ JOB = {
 }  # fmt: skip
 LAYOUTS = {
     "tp2": {"tp": 2},
+    "tp2_mbs2": {"tp": 2},  # two samples per micro-batch, same scores
     "tp2_sp": {"tp": 2, "sequence_parallel": True},
     "pp2": {"pp": 2},
     "dp2": {"tp": 1},

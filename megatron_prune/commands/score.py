@@ -30,7 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=1234, help="calibration sampling seed")
     parser.add_argument("--micro-batches", type=int, default=2,
-                        help="samples per forward call per data-parallel rank")  # fmt: skip
+                        help="micro-batches per forward call per data-parallel rank (>= PP "
+                             "keeps a pipeline full)")  # fmt: skip
+    parser.add_argument("--micro-batch-size", type=int, default=1,
+                        help="samples per micro-batch; 4+ keeps a GPU busy")  # fmt: skip
     parser.add_argument("--save-every", type=int, default=8, help="rounds between partial saves")
     parser.add_argument("--resume", action="store_true", help="continue OUT.partial")
     parser.add_argument("--stop-after", type=int, default=None,
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> None:
     job = ScoreJob(
         checkpoint=str(Path(args.checkpoint).resolve()), data=args.data, samples=args.samples,
         seq_len=args.seq_len, out=args.out, metrics=sorted(set(args.metrics)), seed=args.seed,
-        micro_batches=args.micro_batches, save_every=args.save_every, stop_after=args.stop_after,
+        micro_batches=args.micro_batches, micro_batch_size=args.micro_batch_size,
+        save_every=args.save_every, stop_after=args.stop_after,
         esd_method=args.esd_method, ppl_samples=args.ppl_samples,
     )  # fmt: skip
     tokenizer = load_tokenizer(args.checkpoint)

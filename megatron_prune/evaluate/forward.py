@@ -46,49 +46,58 @@ def gather_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return full[..., :vocab_size]
 
 
-def _broadcast_from_last_stage(result: torch.Tensor | None) -> torch.Tensor:
-    """Send the last stage's result to every stage of this rank's pipeline."""
+def _broadcast_from_last_stage(result: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Send the last stage's result to every stage of this rank's pipeline (on ``device``, as
+    NCCL needs; the result comes back on the CPU)."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         assert result is not None
-        return result
+        return result.cpu()
     group = parallel_state.get_pipeline_model_parallel_group()
     src = parallel_state.get_pipeline_model_parallel_last_rank()
-    header = torch.zeros(9, dtype=torch.long)  # ndim, dtype code, up to 7 dims
+    header = torch.zeros(9, dtype=torch.long, device=device)  # ndim, dtype code, up to 7 dims
     dtypes = [torch.float32, torch.long, torch.float64, torch.bfloat16, torch.float16]
     if result is not None:
         header[0] = result.dim()
         header[1] = dtypes.index(result.dtype)
         header[2 : 2 + result.dim()] = torch.tensor(result.shape)
     torch.distributed.broadcast(header, src=src, group=group)
+    header = header.cpu()
     shape = tuple(header[2 : 2 + int(header[0])].tolist())
     if result is None:
-        result = torch.empty(shape, dtype=dtypes[int(header[1])])
-    result = result.contiguous()
+        result = torch.empty(shape, dtype=dtypes[int(header[1])], device=device)
+    result = result.to(device).contiguous()
     torch.distributed.broadcast(result, src=src, group=group)
-    return result
+    return result.cpu()
 
 
 def forward_reduce(
     chunks: list[torch.nn.Module],
     tokens: torch.Tensor,
     reduce: Callable[[torch.Tensor], torch.Tensor],
+    micro_batch_size: int = 1,
 ) -> torch.Tensor:
-    """Run ``tokens`` [b, s] through the model, one row per micro-batch; return the rows'
-    ``reduce(logits_shard)`` results concatenated on dim 0, on every rank.
+    """Run ``tokens`` [b, s] through the model in micro-batches of ``micro_batch_size`` rows;
+    return the micro-batches' ``reduce(logits_shard)`` results concatenated on dim 0, on the CPU
+    of every rank.
 
-    ``reduce`` receives this TP rank's [1, s, Vp/t] logits on the last stage, may use TP
+    ``reduce`` receives this TP rank's [m, s, Vp/t] logits on the last stage, may use TP
     collectives (every TP rank of the last stage calls it) and returns a tensor whose first dim
-    is 1. An interleaved pipeline needs at least PP micro-batches: short batches are padded with
+    is m. An interleaved pipeline needs at least PP micro-batches: short batches are padded with
     repeats whose results are dropped.
     """
     b, s = tokens.shape
     device = next(chunks[0].parameters()).device
-    rows = list(tokens.to(device).split(1))
+    if b % micro_batch_size:
+        raise ValueError(
+            f"batch of {b} rows is not a multiple of micro_batch_size {micro_batch_size}"
+        )
+    rows = list(tokens.to(device).split(micro_batch_size))
+    real = len(rows)
     n_chunks = len(chunks)
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if n_chunks > 1 and len(rows) < pp:
         rows += [rows[-1]] * (pp - len(rows))
-    position_ids = torch.arange(s, device=device).unsqueeze(0)
+    position_ids = torch.arange(s, device=device).unsqueeze(0).expand(micro_batch_size, -1)
 
     def step(data_iterator: Iterator[torch.Tensor], model: torch.nn.Module):
         output = model(next(data_iterator), position_ids, attention_mask=None)
@@ -106,13 +115,13 @@ def forward_reduce(
             model=chunks if n_chunks > 1 else chunks[0],
             num_microbatches=len(rows),
             seq_length=s,
-            micro_batch_size=1,
+            micro_batch_size=micro_batch_size,
             forward_only=True,
             collect_non_loss_data=True,
         )
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    result = torch.cat(outputs[:b]) if last else None
-    return _broadcast_from_last_stage(result)
+    result = torch.cat(outputs[:real]) if last else None
+    return _broadcast_from_last_stage(result, device)
 
 
 def full_logits(

@@ -55,33 +55,64 @@ class RankView:
         return self.sequence_parallel or self.tp_rank == 0
 
 
+def all_reduce_sum(t: torch.Tensor, device: torch.device, group=None) -> torch.Tensor:
+    """SUM over ``group`` (default: the world) on ``device`` (NCCL wants GPU tensors, gloo CPU
+    ones); returns a CPU copy."""
+    t = t.to(device).clone()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, group=group)
+    return t.cpu()
+
+
 class Sums:
-    """Named fp64 sums in global index space, created on first use."""
+    """Named sums in global index space, on the activations' device (hooks never wait for the
+    host). Hooks add fp32 values into fp32 partials; :meth:`flush`, once per forward call, moves
+    the partials into fp64 totals, so long runs keep fp64 accuracy at fp32 cost per token."""
 
-    def __init__(self) -> None:
-        self.tensors: dict[str, torch.Tensor] = {}
+    def __init__(self, shapes: dict[str, tuple[int, ...]], device: torch.device) -> None:
+        self.device = device
 
-    def add(self, name: str, shape: tuple[int, ...], index: tuple, value: torch.Tensor) -> None:
-        if name not in self.tensors:
-            self.tensors[name] = torch.zeros(shape, dtype=torch.float64)
-        self.tensors[name][index] += value.detach().to("cpu", torch.float64)
+        def zeros(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+            return {k: torch.zeros(v, dtype=dtype, device=device) for k, v in shapes.items()}
+
+        # every rank holds every sum, zero where it adds nothing, so one all-reduce finishes all
+        self.tensors, self.partials = zeros(torch.float64), zeros(torch.float32)
+
+    def add(self, name: str, index: tuple, value: torch.Tensor) -> None:
+        self.partials[name][index] += value
+
+    def flush(self) -> None:
+        for name, partial in self.partials.items():
+            self.tensors[name] += partial
+            partial.zero_()
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = {k: v.to(torch.float64).clone() for k, v in tensors.items()}
+        self.tensors = {k: v.to(self.device, torch.float64).clone() for k, v in tensors.items()}
 
-    def all_reduced(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """World-wide sums (collective). ``names`` must be the same list on every rank, since a
-        rank may not have created every sum (e.g. the final norm lives on the last stage)."""
-        out = {}
-        for name in names:
-            t = self.tensors.get(name)
-            if t is None:
-                raise KeyError(name)
-            t = t.clone()
-            if torch.distributed.is_initialized():
-                torch.distributed.all_reduce(t)
-            out[name] = t
-        return out
+    def all_reduced(self) -> dict[str, torch.Tensor]:
+        """World-wide sums (collective), as CPU tensors."""
+        self.flush()
+        return {k: all_reduce_sum(self.tensors[k], self.device) for k in sorted(self.tensors)}
+
+
+def _abs_sum(x: torch.Tensor) -> torch.Tensor:
+    """sum over (s, b) of |x|, per channel, in one kernel."""
+    return torch.linalg.vector_norm(x, ord=1, dim=(0, 1), dtype=torch.float32)
+
+
+def _sq_sum(x: torch.Tensor) -> torch.Tensor:
+    """sum over (s, b) of x^2, per channel."""
+    return torch.linalg.vector_norm(x, ord=2, dim=(0, 1), dtype=torch.float32).square_()
+
+
+def _cosine(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-token cosine over the last dim, reading x and y three times in all (fewer passes
+    and no [s, b, h] temporaries, unlike F.cosine_similarity)."""
+    dot = torch.linalg.vecdot(x, y, dim=-1).float()
+    norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32) * torch.linalg.vector_norm(
+        y, dim=-1, dtype=torch.float32
+    )
+    return dot / norms.clamp_min(eps)
 
 
 def stat_shapes(arch: ModelArch, metrics: set[str]) -> dict[str, tuple[int, ...]]:
@@ -121,10 +152,8 @@ class ImportanceHooks:
         self, chunks: list[torch.nn.Module], arch: ModelArch, metrics: set[str], view: RankView
     ) -> None:
         self.arch, self.metrics, self.view = arch, metrics, view
-        self.sums = Sums()
         self.shapes = stat_shapes(arch, metrics)
-        for name, shape in self.shapes.items():  # every rank holds every sum, zero if unused
-            self.sums.tensors[name] = torch.zeros(shape, dtype=torch.float64)
+        self.sums = Sums(self.shapes, next(chunks[0].parameters()).device)
         self.seq_len = 0  # full sequence length of the current micro-batch (set by the driver)
         self.handles: list = []
         for chunk in chunks:
@@ -161,7 +190,7 @@ class ImportanceHooks:
     # -- helpers -----------------------------------------------------------------------------
 
     def _add(self, name: str, index: tuple, value: torch.Tensor) -> None:
-        self.sums.add(name, self.shapes[name], index, value)
+        self.sums.add(name, index, value)
 
     def _cols(self, local: int) -> slice:
         return slice(self.view.tp_rank * local, (self.view.tp_rank + 1) * local)
@@ -194,7 +223,7 @@ class ImportanceHooks:
         def hook(_m: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             y = output.detach().float()  # [s, b, h]
             if self.view.adds_hidden_stats and "channel" in metrics:
-                self._add("channel.abs_sum", (slice(None),), y.abs().sum((0, 1)))
+                self._add("channel.abs_sum", (slice(None),), _abs_sum(y))
             if "minitron" in metrics:  # mean |y| over the sequence, then L2 over samples
                 per_sample = self._tp_sum(y.abs().sum(0)) / self.seq_len  # [b, h]
                 if self.view.tp_rank == 0:  # whole-sequence values now on every TP rank
@@ -215,7 +244,7 @@ class ImportanceHooks:
             x = inputs[0].detach().float()  # [s, b, cols/t], full sequence even under SP
             cols = self._cols(x.shape[-1])
             if needs_sq:
-                self._add(f"{key}.sq_sum", (i, cols), x.pow(2).sum((0, 1)))
+                self._add(f"{key}.sq_sum", (i, cols), _sq_sum(x))
             if "flap" in metrics:
                 self._add(f"{key}.sum", (i, cols), x.sum((0, 1)))
             if "minitron" in metrics:
@@ -235,9 +264,7 @@ class ImportanceHooks:
                 return
             h_in = args[0] if args else kwargs["hidden_states"]
             h_out = output[0] if isinstance(output, tuple) else output
-            cos = torch.nn.functional.cosine_similarity(
-                h_in.detach().float(), h_out.detach().float(), dim=-1
-            )  # [s, b]
+            cos = _cosine(h_in.detach(), h_out.detach())  # [s, b]
             self._add("layer.cos_sum", (i,), cos.sum())
 
         return hook

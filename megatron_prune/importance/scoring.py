@@ -26,7 +26,7 @@ from megatron_prune.evaluate.perplexity import window_nll_sum
 from megatron_prune.importance.calibration import file_sha256, packed_samples
 from megatron_prune.importance.esd import MATRICES, esd_alpha, gram_eigenvalues, layer_matrices
 from megatron_prune.importance.finalize import finalize
-from megatron_prune.importance.hooks import ImportanceHooks, RankView
+from megatron_prune.importance.hooks import ImportanceHooks, RankView, all_reduce_sum
 from megatron_prune.log import is_rank0, log
 from megatron_prune.models.arch import ModelArch
 
@@ -52,7 +52,8 @@ class ScoreJob:
     out: str
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
     seed: int = 1234
-    micro_batches: int = 2  # samples per forward call per data-parallel rank
+    micro_batches: int = 2  # micro-batches per forward call per data-parallel rank
+    micro_batch_size: int = 1  # samples per micro-batch (4+ keeps a GPU busy)
     save_every: int = 8  # rounds between partial saves
     stop_after: int | None = None  # samples in this run, then save and stop
     esd_method: str = "xmin_peak"
@@ -110,7 +111,9 @@ def prepare_output(job: ScoreJob, resume: bool, overwrite: bool) -> tuple[Path, 
     return scratch, done, sums
 
 
-def layer_ppl(chunks, arch: ModelArch, samples: torch.Tensor, view) -> dict[str, torch.Tensor]:
+def layer_ppl(
+    chunks, arch: ModelArch, samples: torch.Tensor, view, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Perplexity with each layer removed (and the base), ShortGPT's ppl-based importance."""
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), view.dp_rank
     mine = samples[dp_rank::dp]
@@ -121,7 +124,7 @@ def layer_ppl(chunks, arch: ModelArch, samples: torch.Tensor, view) -> dict[str,
         nll = torch.zeros(1, dtype=torch.float64)
         for row in mine:
             nll += window_nll_sum(chunks, row.tolist(), arch.vocab_size)
-        torch.distributed.all_reduce(nll, group=parallel_state.get_data_parallel_group())
+        nll = all_reduce_sum(nll, device, parallel_state.get_data_parallel_group())
         return float(torch.exp(nll / tokens))
 
     def skip(_m, args, kwargs, output):
@@ -138,7 +141,9 @@ def layer_ppl(chunks, arch: ModelArch, samples: torch.Tensor, view) -> dict[str,
     return {"layer/ppl_without": without, "layer/ppl_increase": without - base}
 
 
-def esd_scores(chunks, arch: ModelArch, view, method: str) -> dict[str, torch.Tensor]:
+def esd_scores(
+    chunks, arch: ModelArch, view, method: str, device: torch.device
+) -> dict[str, torch.Tensor]:
     alphas = torch.zeros(arch.num_layers, len(MATRICES), dtype=torch.float64)
     for chunk in chunks:
         for layer in chunk.decoder.layers:
@@ -146,8 +151,8 @@ def esd_scores(chunks, arch: ModelArch, view, method: str) -> dict[str, torch.Te
                 assert name == MATRICES[j]
                 eigs = gram_eigenvalues(w, split_rows, view.tp_group)
                 if view.tp_rank == 0 and view.dp_rank == 0:  # one contribution per layer
-                    alphas[layer.layer_number - 1, j] = esd_alpha(eigs, method)
-    torch.distributed.all_reduce(alphas)
+                    alphas[layer.layer_number - 1, j] = esd_alpha(eigs.cpu(), method)
+    alphas = all_reduce_sum(alphas, device)
     return {"esd/alpha": alphas.float(), "esd/block_alpha": alphas.mean(1).float()}
 
 
@@ -173,13 +178,13 @@ def run_score_job(job: ScoreJob, model, tokenizer, layout, resume: bool, overwri
     hooks.seq_len = job.seq_len
     if loaded and torch.distributed.get_rank() == 0:
         hooks.sums.load(loaded)  # the world's sums so far live on one rank only
-    names = sorted(hooks.shapes)
-    per_round = dp * job.micro_batches
+    per_rank = job.micro_batches * job.micro_batch_size  # samples per rank per round
+    per_round = dp * per_rank
     limit = job.samples if job.stop_after is None else min(job.samples, done + job.stop_after)
     rounds = range(done, limit, per_round)
 
     def save_partial(samples_done: int) -> None:
-        sums = hooks.sums.all_reduced(names)
+        sums = hooks.sums.all_reduced()
         if is_rank0():
             _save_tensors(scratch / PARTIAL_FILE, sums)
             _write_json(scratch / PARTIAL_META, {
@@ -192,10 +197,13 @@ def run_score_job(job: ScoreJob, model, tokenizer, layout, resume: bool, overwri
     started = time.perf_counter()
     bar = TokenCounter((limit - done) * job.seq_len, desc="score")
     for k, start in enumerate(rounds, 1):
-        first = start + view.dp_rank * job.micro_batches
-        mine = samples[first : min(first + job.micro_batches, limit)]
-        if len(mine):
-            forward_reduce(model.chunks, mine, lambda logits: torch.zeros(1))
+        first = start + view.dp_rank * per_rank
+        mine = samples[first : min(first + per_rank, limit)]
+        whole = len(mine) - len(mine) % job.micro_batch_size
+        for part, mbs in ((mine[:whole], job.micro_batch_size), (mine[whole:], 1)):
+            if len(part):
+                forward_reduce(model.chunks, part, lambda lg: torch.zeros(len(lg)), mbs)
+        hooks.sums.flush()
         bar.update((min(start + per_round, limit) - done) * job.seq_len)
         done = min(start + per_round, limit)
         if k % job.save_every == 0 and done < limit:
@@ -209,11 +217,13 @@ def run_score_job(job: ScoreJob, model, tokenizer, layout, resume: bool, overwri
         return False
 
     hooks.add_weight_stats(model.chunks)
-    scores = finalize(hooks.sums.all_reduced(names), arch, tokens=job.samples * job.seq_len)
+    scores = finalize(hooks.sums.all_reduced(), arch, tokens=job.samples * job.seq_len)
     if "esd" in metrics:
-        scores.update(esd_scores(model.chunks, arch, view, job.esd_method))
+        scores.update(esd_scores(model.chunks, arch, view, job.esd_method, hooks.sums.device))
     if "layer_ppl" in metrics:
-        scores.update(layer_ppl(model.chunks, arch, samples[: job.ppl_samples], view))
+        scores.update(
+            layer_ppl(model.chunks, arch, samples[: job.ppl_samples], view, hooks.sums.device)
+        )
     if is_rank0():
         _save_tensors(scratch / SCORES_FILE, scores)
         meta = {

@@ -22,7 +22,9 @@ def main() -> None:
         lay = ParallelLayout(**layout)
         initialize(lay, "cpu")
         model = load_model(spec["ckpt"], sequence_parallel=lay.sequence_parallel)
-        job = ScoreJob(checkpoint=spec["ckpt"], out=str(Path(spec["workdir"]) / name), **spec["job"])
+        job = ScoreJob(
+            checkpoint=spec["ckpt"], out=str(Path(spec["workdir"]) / name), **spec["job"]
+        )
         run_score_job(job, model, tok, lay, resume=False, overwrite=True)
     torch.distributed.destroy_process_group()
 

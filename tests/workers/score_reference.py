@@ -36,15 +36,21 @@ def direct_scores(model, arch, samples):
     handles = []
     for i, layer in enumerate(chunk.decoder.layers):
         attn, mlp = layer.self_attention, layer.mlp
-        norms = {"input": layer.input_layernorm, "pre_mlp": layer.pre_mlp_layernorm,
-                 "post_attn": attn.linear_proj.post_norm, "post_mlp": mlp.linear_fc2.post_norm}
+        norms = {
+            "input": layer.input_layernorm,
+            "pre_mlp": layer.pre_mlp_layernorm,
+            "post_attn": attn.linear_proj.post_norm,
+            "post_mlp": mlp.linear_fc2.post_norm,
+        }
         for kind, norm in norms.items():
             handles.append(norm.register_forward_hook(keep(f"norm_out.{kind}.{i}", "out")))
             handles.append(norm.register_forward_hook(keep(f"norm_in.{kind}.{i}", "in")))
         handles.append(attn.linear_proj.register_forward_hook(keep(f"proj_in.{i}", "in")))
         handles.append(mlp.linear_fc2.register_forward_hook(keep(f"fc2_in.{i}", "in")))
         handles.append(layer.register_forward_hook(keep_layer(f"layer.{i}"), with_kwargs=True))
-    handles.append(chunk.decoder.final_layernorm.register_forward_hook(keep("norm_out.final.0", "out")))
+    handles.append(
+        chunk.decoder.final_layernorm.register_forward_hook(keep("norm_out.final.0", "out"))
+    )
     with torch.no_grad():
         for row in samples.split(1):
             chunk(row, torch.arange(row.shape[1]).unsqueeze(0), attention_mask=None)
@@ -66,8 +72,11 @@ def direct_scores(model, arch, samples):
         z = torch.cat(cap[f"fc2_in.{i}"]).reshape(-1, arch.ffn_hidden_size)
         heads.append(x.view(-1, n, d).pow(2).sum((0, 2)).sqrt())
         neurons.append(z.norm(dim=0))
-        minih.append(torch.stack([c.view(c.shape[0], n, d).norm(dim=-1).mean(0)
-                                  for c in cap[f"proj_in.{i}"]]).norm(dim=0))
+        minih.append(
+            torch.stack(
+                [c.view(c.shape[0], n, d).norm(dim=-1).mean(0) for c in cap[f"proj_in.{i}"]]
+            ).norm(dim=0)
+        )
         minin.append(torch.stack([c.abs().mean(0)[0] for c in cap[f"fc2_in.{i}"]]).norm(dim=0))
         wp = layer.self_attention.linear_proj.weight.detach().float()
         w2 = layer.mlp.linear_fc2.weight.detach().float()
