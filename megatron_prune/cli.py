@@ -18,6 +18,7 @@ COMMANDS = {
     "eval": "Evaluate a checkpoint (ppl: perplexity on a text file)",
     "generate": "Greedy generation from a prompt",
     "score": "Importance scores from calibration activations, at any layout",
+    "prune": "Structured pruning (width, depth, CLAP, SLNP, norm absorption)",
     "run": "Run a YAML recipe (a list of the commands above)",
 }
 

@@ -35,6 +35,8 @@ def validate(args: argparse.Namespace) -> Source:
     layout = layout_from_args(args)
     if args.to == "hf" and layout.model_parallel_size != 1:
         raise ValueError("--to hf writes whole tensors: leave --tp/--pp at 1")
+    if args.to == "hf":
+        check_hf_exportable(source.arch, source.family)
     source.arch.check_layout(layout.tp, layout.pp, layout.vpp)
     return source
 
@@ -80,6 +82,7 @@ def to_hf(source: Source, dst: Path, overwrite: bool) -> None:
     from megatron_prune.models.weight_map import megatron_to_hf
 
     arch, family = source.arch, source.family
+    check_hf_exportable(arch, family)
     if source.kind == "megatron":
         state = megatron_whole_state(source.path)
     else:
@@ -94,6 +97,23 @@ def to_hf(source: Source, dst: Path, overwrite: bool) -> None:
         if tokenizer_dir.exists():
             tokenizer_dir.rmdir()
     log(f"wrote {dst}")
+
+
+def check_hf_exportable(arch, family) -> None:
+    """Refuse, before any work, what transformers' classes cannot represent."""
+    problems = []
+    if family.transformers_class and arch.hidden_size % arch.num_attention_heads:
+        problems.append(
+            f"transformers requires hidden_size ({arch.hidden_size}) to be a multiple of "
+            f"num_attention_heads ({arch.num_attention_heads}); prune to such a hidden size"
+        )
+    if family.hf_needs_post_norms and not arch.post_norms:
+        problems.append(
+            f"transformers' {family.name} class always has post-norms; a model with absorbed "
+            "post-norms runs in Megatron but has no transformers class"
+        )
+    if problems:
+        raise ValueError("cannot export to Hugging Face: " + "; ".join(problems))
 
 
 def megatron_whole_state(path: Path) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ POSITIONAL = {
     "eval": ("metric", "checkpoint"),
     "generate": ("checkpoint",),
     "score": ("checkpoint",),
+    "prune": ("checkpoint",),
 }
 
 

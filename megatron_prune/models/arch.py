@@ -44,6 +44,9 @@ class ModelArch:
     softmax_scale: float | None = None  # None: 1/sqrt(d)
     sliding_window: int | None = None  # tokens a local layer sees, itself included
     global_every: int | None = None  # with sliding_window: every k-th layer is global (1-based)
+    # with sliding_window: which layers are local, one flag per layer; overrides global_every
+    # (depth pruning keeps each surviving layer's own kind)
+    local_layers: tuple[bool, ...] | None = None
     local_rope_theta: float | None = None  # RoPE base of local layers, if it differs
     needs_bos: bool = False  # every evaluation window starts with BOS
     max_position_embeddings: int = 4096
@@ -52,6 +55,12 @@ class ModelArch:
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ArchError(f"activation {self.activation!r} unknown; use one of {ACTIVATIONS}")
+        if self.local_layers is not None:
+            object.__setattr__(self, "local_layers", tuple(bool(x) for x in self.local_layers))
+            if len(self.local_layers) != self.num_layers:
+                raise ArchError(
+                    f"local_layers has {len(self.local_layers)} flags for {self.num_layers} layers"
+                )
         if self.num_attention_heads % self.num_query_groups:
             raise ArchError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -69,6 +78,8 @@ class ModelArch:
         """Whether 0-based ``layer`` uses the sliding window (and the local RoPE base)."""
         if self.sliding_window is None:
             return False
+        if self.local_layers is not None:
+            return self.local_layers[layer]
         return self.global_every is None or (layer + 1) % self.global_every != 0
 
     def check_layout(self, tp: int, pp: int, vpp: int | None = None) -> None:

@@ -163,8 +163,8 @@ def _gemma3_arch(cfg: HFConfig) -> ModelArch:
     ]
     globals_ = [i + 1 for i, t in enumerate(types) if t == "full_attention"]
     every = globals_[0] if globals_ else n + 1
-    if globals_ != list(range(every, n + 1, every)):
-        raise ArchError(f"gemma3: layer_types {types} are not periodic; unsupported")
+    periodic = globals_ == list(range(every, n + 1, every))
+    local_layers = None if periodic else tuple(t == "sliding_attention" for t in types)
     return ModelArch(
         **_common(cfg, "gemma3"),
         rope_theta=_rope_theta(cfg, "full_attention", 1_000_000.0),
@@ -176,13 +176,13 @@ def _gemma3_arch(cfg: HFConfig) -> ModelArch:
         embedding_scale=math.sqrt(cfg["hidden_size"]),
         softmax_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5,
         sliding_window=cfg.get("sliding_window", 4096),
-        global_every=every,
+        global_every=every if periodic else None,
+        local_layers=local_layers,
         needs_bos=True,
     )
 
 
 def _gemma3_hf(arch: ModelArch) -> HFConfig:
-    every = arch.global_every or arch.num_layers + 1
     return {
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
@@ -191,7 +191,7 @@ def _gemma3_hf(arch: ModelArch) -> HFConfig:
         "query_pre_attn_scalar": round((arch.softmax_scale or arch.head_dim**-0.5) ** -2),
         "sliding_window": arch.sliding_window,
         "layer_types": [
-            "full_attention" if (i + 1) % every == 0 else "sliding_attention"
+            "sliding_attention" if arch.is_local_layer(i) else "full_attention"
             for i in range(arch.num_layers)
         ],
         "rope_parameters": {
@@ -217,6 +217,7 @@ class Family:
     hf_from_arch: Callable[[ModelArch], HFConfig]
     rules: Callable[[ModelArch], list[Rule]] = decoder_rules
     transformers_class: bool = True  # False: no transformers model class exists (pangu)
+    hf_needs_post_norms: bool = False  # its transformers class always has post-norms
 
 
 FAMILIES: dict[str, Family] = {
@@ -244,7 +245,9 @@ FAMILIES: dict[str, Family] = {
                 a, "qwen3", "Qwen3ForCausalLM", attention_bias=a.qkv_bias, use_sliding_window=False
             ),
         ),
-        Family("gemma3", ("gemma3_text", "gemma3"), _gemma3_arch, _gemma3_hf),
+        Family(
+            "gemma3", ("gemma3_text", "gemma3"), _gemma3_arch, _gemma3_hf, hf_needs_post_norms=True
+        ),  # fmt: skip
         Family(
             "pangu",
             ("pangu_sandwich",),

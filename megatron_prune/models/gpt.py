@@ -62,7 +62,9 @@ def transformer_config(
         activation_func=_ACTIVATIONS[arch.activation],
         softmax_scale=arch.softmax_scale,
         window_size=window,
-        window_attn_skip_freq=arch.global_every,
+        window_attn_skip_freq=(
+            [int(x) for x in arch.local_layers] if arch.local_layers else arch.global_every
+        ),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
