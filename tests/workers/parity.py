@@ -12,32 +12,19 @@ import torch
 
 
 def main() -> None:
-    from megatron_prune.checkpoint.megatron_io import load_model
-    from megatron_prune.checkpoint.sources import open_source
-    from megatron_prune.commands.convert import to_megatron
-    from megatron_prune.distributed import ParallelLayout, initialize
-    from megatron_prune.evaluate.forward import full_logits
+    from tests.workers.common import convert, logits_at
 
     spec = json.loads(Path(sys.argv[1]).read_text())
     report = {}
     for case in spec["cases"]:
         ckpt = Path(case["ckpt"])
         if "src" in case:
-            to_megatron(
-                open_source(case["src"]),
-                ckpt,
-                ParallelLayout(**spec["convert_layout"]),
-                overwrite=True,
-                device="cpu",
-            )
+            convert(case["src"], ckpt, spec["convert_layout"])
         tokens = torch.load(case["tokens"])
         ref = torch.load(case["ref"])
         diffs = {}
         for layout in spec["layouts"]:
-            lay = ParallelLayout(**layout)
-            initialize(lay, "cpu")
-            model = load_model(ckpt, sequence_parallel=lay.sequence_parallel)
-            logits = full_logits(model.chunks, tokens, model.arch.vocab_size)
+            _, logits = logits_at(ckpt, layout, tokens)
             diffs[json.dumps(layout, sort_keys=True)] = float((logits - ref).abs().max())
         report[case["name"]] = diffs
     if torch.distributed.get_rank() == 0:

@@ -14,31 +14,21 @@ import torch
 
 def main() -> None:
     from megatron_prune.checkpoint import hf
-    from megatron_prune.checkpoint.megatron_io import load_model
     from megatron_prune.checkpoint.sources import open_source
     from megatron_prune.commands.convert import megatron_whole_state, to_hf, to_megatron
-    from megatron_prune.distributed import ParallelLayout, initialize
-    from megatron_prune.evaluate.forward import full_logits
+    from megatron_prune.distributed import ParallelLayout
     from megatron_prune.evaluate.perplexity import perplexity
+    from tests.workers.common import convert, logits_at
 
     spec = json.loads(Path(sys.argv[1]).read_text())
     work = Path(spec["workdir"])
     report: dict = {"logits": {}}
     first = work / "mcore"
-    to_megatron(
-        open_source(spec["gguf"]),
-        first,
-        ParallelLayout(**spec["convert_layout"]),
-        overwrite=True,
-        device="cpu",
-    )
+    convert(spec["gguf"], first, spec["convert_layout"])
     tokens = torch.load(spec["tokens"])
     ref = torch.load(spec["ref_logits"])
     for layout in spec["layouts"]:
-        lay = ParallelLayout(**layout)
-        initialize(lay, "cpu")
-        model = load_model(first)
-        logits = full_logits(model.chunks, tokens, model.arch.vocab_size)
+        model, logits = logits_at(first, layout, tokens)
         report["logits"][json.dumps(layout)] = float((logits - ref).abs().max())
         if layout == spec["ppl_layout"]:
             ids = torch.load(spec["ppl_ids"]).tolist()
