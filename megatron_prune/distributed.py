@@ -108,23 +108,31 @@ def initialize(layout: ParallelLayout, device: str | None = None, seed: int = 12
     """Bring up torch.distributed and Megatron's parallel state for ``layout``.
 
     Safe to call again with another layout in the same world: the old model-parallel groups are
-    torn down first (tests use this to compare layouts inside one torchrun launch).
+    torn down first (tests use this to compare layouts inside one torchrun launch); the same
+    layout again keeps the groups it has.
     """
+    global _CURRENT_LAYOUT
     accel = prepare(device)
     init_torch_distributed(accel)
     from megatron.core import parallel_state, tensor_parallel
 
     world = torch.distributed.get_world_size()
     layout.data_parallel_size(world)  # validates divisibility
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
-    )
+    groups = (layout.tp, layout.pp, layout.vpp)
+    if not (parallel_state.model_parallel_is_initialized() and _CURRENT_LAYOUT == groups):
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            virtual_pipeline_model_parallel_size=layout.vpp,
+        )
+        _CURRENT_LAYOUT = groups
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return accel
+
+
+_CURRENT_LAYOUT: tuple | None = None
 
 
 def is_last_rank() -> bool:

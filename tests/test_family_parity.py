@@ -2,7 +2,7 @@
 
 Tiny random models (transformers for llama/qwen2/qwen3/gemma3, the plain-PyTorch sandwich
 reference for pangu) are converted at TP=2 and evaluated at TP=2, TP=2+SP, PP=2, PP=2 x VPP=2
-and TP=1 (x DP=2) inside one torchrun launch.
+and TP=1 (x DP=2) inside one torchrun launch; TP=2 x PP=2 (four ranks) is a slow test.
 """
 
 import json
@@ -35,9 +35,8 @@ def _pangu_case(tmp):
     return model.eval(), save_reference_model(model, arch, tmp / "pangu_hf")
 
 
-@pytest.fixture(scope="module")
-def parity_report(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("parity")
+def run_parity(tmp, layouts, nproc):
+    """Make every family's reference, then convert at TP=2 and compare at ``layouts``."""
     tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.save(tokens, tmp / "tokens.pt")
     cases = []
@@ -56,11 +55,16 @@ def parity_report(tmp_path_factory):
             "name": family, "src": str(folder), "ckpt": str(tmp / f"{family}_mcore"),
             "tokens": str(tmp / "tokens.pt"), "ref": str(tmp / f"{family}_ref.pt"),
         })  # fmt: skip
-    spec = {"cases": cases, "convert_layout": {"tp": 2}, "layouts": LAYOUTS,
+    spec = {"cases": cases, "convert_layout": {"tp": 2}, "layouts": layouts,
             "out": str(tmp / "report.json")}  # fmt: skip
     (tmp / "spec.json").write_text(json.dumps(spec))
-    torchrun("parity.py", 2, str(tmp / "spec.json"))
+    torchrun("parity.py", nproc, str(tmp / "spec.json"))
     return json.loads((tmp / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def parity_report(tmp_path_factory):
+    return run_parity(tmp_path_factory.mktemp("parity"), LAYOUTS, nproc=2)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3", "pangu"])
@@ -68,3 +72,12 @@ def parity_report(tmp_path_factory):
 def test_logits_match_reference(parity_report, family, layout):
     diff = parity_report[family][json.dumps(layout, sort_keys=True)]
     assert diff <= TOLERANCE, f"{family} at {layout}: max |logit diff| {diff:.2e}"
+
+
+@pytest.mark.slow
+def test_tensor_and_pipeline_parallel_together(tmp_path):
+    layout = {"pp": 2, "tp": 2}
+    report = run_parity(tmp_path, [layout], nproc=4)
+    for family, diffs in report.items():
+        diff = diffs[json.dumps(layout, sort_keys=True)]
+        assert diff <= TOLERANCE, f"{family} at TP=2 x PP=2: max |logit diff| {diff:.2e}"
