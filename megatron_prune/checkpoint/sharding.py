@@ -68,7 +68,8 @@ def _parameters_with_split(chunk: torch.nn.Module):
 
 
 def load_full_state(chunks: list[torch.nn.Module], full: Mapping[str, torch.Tensor]) -> None:
-    """Copy whole Megatron tensors into this rank's chunks; every parameter must be covered."""
+    """Fill this rank's chunks from whole Megatron tensors; every parameter must be covered.
+    Parameters may share storage with ``full`` afterwards: treat ``full`` as handed over."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for chunk in chunks:
@@ -84,5 +85,6 @@ def load_full_state(chunks: list[torch.nn.Module], full: Mapping[str, torch.Tens
                 raise WeightMapError(
                     f"{name}: source shard {tuple(piece.shape)} != parameter {tuple(param.shape)}"
                 )
-            with torch.no_grad():
-                param.copy_(piece)
+            # Adopt the shard's storage instead of copying it when it already has the parameter's
+            # dtype and device (whole tensors at TP=1): conversion moves each byte once.
+            param.data = piece.to(device=param.device, dtype=param.dtype).contiguous()
