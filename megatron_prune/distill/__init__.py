@@ -1,0 +1,1 @@
+"""Online knowledge distillation: vocabulary-parallel KL (the teacher+student loop is next)."""
