@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -103,8 +104,6 @@ def prepare_output(job: ScoreJob, resume: bool, overwrite: bool) -> tuple[Path, 
         done = partial["samples_done"]
         sums = load_file(str(scratch / PARTIAL_FILE))
     elif is_rank0():
-        import shutil
-
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
     _barrier()
@@ -241,8 +240,6 @@ def run_score_job(job: ScoreJob, model, tokenizer, layout, resume: bool, overwri
             (scratch / name).unlink(missing_ok=True)
         out = Path(job.out)
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         scratch.rename(out)
     _barrier()
