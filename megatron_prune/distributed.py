@@ -133,7 +133,3 @@ def initialize(layout: ParallelLayout, device: str | None = None, seed: int = 12
 
 
 _CURRENT_LAYOUT: tuple | None = None
-
-
-def is_last_rank() -> bool:
-    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1

@@ -5,7 +5,6 @@ read it instead of asking for model flags."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,9 +34,9 @@ class CheckpointMeta:
         return json.dumps(data, indent=2, sort_keys=True)
 
     def write(self, directory: Path) -> None:
-        tmp = directory / (METADATA_FILE + ".tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, directory / METADATA_FILE)
+        from megatron_prune.checkpoint.atomic import write_text_atomic
+
+        write_text_atomic(directory / METADATA_FILE, self.to_json())
 
     @classmethod
     def read(cls, directory: str | Path) -> CheckpointMeta:

@@ -22,7 +22,7 @@ import torch
 from megatron.core import parallel_state
 from safetensors.torch import load_file, save_file
 
-from megatron_prune.checkpoint.atomic import OutputExistsError
+from megatron_prune.checkpoint.atomic import OutputExistsError, write_text_atomic
 from megatron_prune.evaluate.perplexity import window_nll_sum
 from megatron_prune.importance.calibration import file_sha256, packed_samples
 from megatron_prune.importance.esd import MATRICES, esd_alpha, gram_eigenvalues, layer_matrices
@@ -71,9 +71,7 @@ def _barrier() -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
