@@ -24,6 +24,11 @@ def _rank() -> int:
     return 0
 
 
+def is_writer() -> bool:
+    """True on the one process that writes files every rank would write identically."""
+    return _rank() == 0
+
+
 def _barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

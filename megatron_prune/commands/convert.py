@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_prune.checkpoint.atomic import atomic_directory, check_output
+from megatron_prune.checkpoint.atomic import atomic_directory, check_output, is_writer
 from megatron_prune.checkpoint.metadata import CheckpointMeta, provenance
 from megatron_prune.checkpoint.sources import TOKENIZER_DIR, Source, open_source
 from megatron_prune.distributed import add_layout_args, initialize, layout_from_args
@@ -89,13 +89,14 @@ def to_hf(source: Source, dst: Path, overwrite: bool) -> None:
         state = source.megatron_state()
     tensors = megatron_to_hf(state, family.rules(arch), arch)
     with atomic_directory(dst, overwrite) as scratch:
-        hf.write_folder(scratch, family.hf_from_arch(arch), tensors)
-        tokenizer_dir = scratch / "tokenizer.tmp"
-        if source.save_tokenizer(tokenizer_dir):
-            for f in tokenizer_dir.iterdir():
-                f.rename(scratch / f.name)
-        if tokenizer_dir.exists():
-            tokenizer_dir.rmdir()
+        if is_writer():  # every rank holds the same whole tensors; one writes them
+            hf.write_folder(scratch, family.hf_from_arch(arch), tensors)
+            tokenizer_dir = scratch / "tokenizer.tmp"
+            if source.save_tokenizer(tokenizer_dir):
+                for f in tokenizer_dir.iterdir():
+                    f.rename(scratch / f.name)
+            if tokenizer_dir.exists():
+                tokenizer_dir.rmdir()
     log(f"wrote {dst}")
 
 
