@@ -4,38 +4,12 @@ absorption, target validation. Model-level checks (logits, layouts) are in test_
 import pytest
 import torch
 
-from megatron_prune.models.families import get_family
 from megatron_prune.models.norm import RMSNorm
-from megatron_prune.models.weight_map import hf_to_megatron
 from megatron_prune.surgery.norms import absorb_post_norm, gamma_of, slnp
 from megatron_prune.surgery.prune import PruneOptions, prune_model
 from megatron_prune.surgery.state import ModelState, split_qkv
 from megatron_prune.surgery.target import TargetError, load_target
-from tests.tiny_models import hf_config, make_hf_model
-
-
-def whole_state(family: str, seed: int = 0):
-    model = make_hf_model(family, seed=seed)
-    fam = get_family(family)
-    arch = fam.arch_from_hf(hf_config(family).to_dict() | {"model_type": fam.hf_model_types[0]})
-    hf = {
-        k: v
-        for k, v in model.state_dict().items()
-        if not (arch.tie_embeddings and k == "lm_head.weight")
-    }
-    return hf_to_megatron(hf, fam.rules(arch), arch), arch
-
-
-def random_scores(arch, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    L, n, f, h = arch.num_layers, arch.num_attention_heads, arch.ffn_hidden_size, arch.hidden_size
-    return {
-        "channel/l1": torch.rand(h, generator=g), "head/l2": torch.rand(L, n, generator=g),
-        "neuron/l2": torch.rand(L, f, generator=g),
-        "layer/block_influence": torch.rand(L, generator=g),
-        "post_norm/attn_inv_rms": torch.rand(L, generator=g) + 0.5,
-        "post_norm/mlp_inv_rms": torch.rand(L, generator=g) + 0.5,
-    }  # fmt: skip
+from tests.tiny_models import random_scores, whole_state
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3"])
@@ -168,7 +142,7 @@ def test_target_validation_names_the_problem_and_nearby_values():
     cases = [
         ({"num_attention_heads": 3}, "not a multiple of num_query_groups=2 (try 2, 4)"),
         ({"ffn_hidden_size": 256}, "ffn_hidden_size=256 must be between 1 and the source's 128"),
-        ({"ffn_hidden_size": [64, 64, 64, 64]}, "heterogeneous models) are not supported yet"),
+        ({"ffn_hidden_size": [64, 64, 64]}, "a list of 4 integers (one per kept layer)"),
         ({"hidden": 32}, "unknown target keys ['hidden']"),
         ({"drop_layers": [1], "num_layers": 2}, "disagrees with dropping 1 of 4"),
         ({"drop_layers": [7]}, "drop_layers [7] outside 0..3"),

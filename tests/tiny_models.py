@@ -105,3 +105,31 @@ def save_word_tokenizer(folder: Path, text: str, vocab_size: int = 250) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def whole_state(family: str, seed: int = 0):
+    """(whole Megatron tensors, arch) of a tiny random ``family`` model."""
+    from megatron_prune.models.weight_map import hf_to_megatron
+
+    model = make_hf_model(family, seed=seed)
+    fam = get_family(family)
+    arch = fam.arch_from_hf(hf_config(family).to_dict() | {"model_type": fam.hf_model_types[0]})
+    hf = {
+        k: v
+        for k, v in model.state_dict().items()
+        if not (arch.tie_embeddings and k == "lm_head.weight")
+    }
+    return hf_to_megatron(hf, fam.rules(arch), arch), arch
+
+
+def random_scores(arch, seed: int = 0):
+    """Random scores of every kind surgery reads, for ``arch`` (uniform)."""
+    g = torch.Generator().manual_seed(seed)
+    L, n, f, h = arch.num_layers, arch.num_attention_heads, arch.ffn_hidden_size, arch.hidden_size
+    return {
+        "channel/l1": torch.rand(h, generator=g), "head/l2": torch.rand(L, n, generator=g),
+        "neuron/l2": torch.rand(L, f, generator=g),
+        "layer/block_influence": torch.rand(L, generator=g),
+        "post_norm/attn_inv_rms": torch.rand(L, generator=g) + 0.5,
+        "post_norm/mlp_inv_rms": torch.rand(L, generator=g) + 0.5,
+    }  # fmt: skip

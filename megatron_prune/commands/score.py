@@ -47,8 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     from megatron_prune.checkpoint.atomic import check_output
+    from megatron_prune.checkpoint.metadata import CheckpointMeta
 
     validate_checkpoint(args)
+    if CheckpointMeta.read(args.checkpoint).arch.heterogeneous:
+        raise ValueError(
+            f"{args.checkpoint} has per-layer widths (a heterogeneous pruned model): scoring it "
+            "is not supported (scores are [layers, units] tables); prune the uniform source "
+            "model with its scores instead"
+        )
     if not Path(args.data).is_file():
         raise FileNotFoundError(f"--data {args.data} does not exist")
     if Path(args.data).stat().st_size == 0:

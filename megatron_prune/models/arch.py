@@ -7,13 +7,28 @@ Everything a Megatron model, a Hugging Face config and a pruning plan need to ag
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 ACTIVATIONS = ("silu", "gelu_tanh")
+# the widths that may differ per layer (heterogeneous models); ``layer_<name>`` holds the list
+PER_LAYER = ("ffn_hidden_size", "num_attention_heads", "num_query_groups")
+
+
+class LayerWidths(NamedTuple):
+    """One layer's FFN size, head count and query-group count."""
+
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
 
 
 class ArchError(ValueError):
     """An architecture or layout that cannot be built; the message says how to fix it."""
+
+
+def valid_divisors(value: int, limit: int = 64) -> list[int]:
+    """The TP sizes (up to ``limit``) that divide ``value``, for error messages."""
+    return [t for t in range(1, min(value, limit) + 1) if value % t == 0]
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,13 @@ class ModelArch:
     needs_bos: bool = False  # every evaluation window starts with BOS
     max_position_embeddings: int = 4096
     vocab_pad_multiple: int = 128
+    # Heterogeneous models (per-layer pruning targets): one value per layer, None when every
+    # layer has the scalar value above. When set, the scalar holds the widest layer's value (what
+    # sizes anything shared across layers); a list of equal values collapses to the scalar, so a
+    # uniform model has one representation (stacked Megatron checkpoint keys, plain HF classes).
+    layer_ffn_hidden_size: tuple[int, ...] | None = None
+    layer_num_attention_heads: tuple[int, ...] | None = None
+    layer_num_query_groups: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -61,11 +83,44 @@ class ModelArch:
                 raise ArchError(
                     f"local_layers has {len(self.local_layers)} flags for {self.num_layers} layers"
                 )
-        if self.num_attention_heads % self.num_query_groups:
+        for name in PER_LAYER:
+            values = getattr(self, f"layer_{name}")
+            if values is None:
+                continue
+            values = tuple(int(v) for v in values)
+            if len(values) != self.num_layers:
+                raise ArchError(
+                    f"layer_{name} has {len(values)} values for {self.num_layers} layers"
+                )
+            if min(values) < 1:
+                raise ArchError(f"layer_{name} {list(values)}: every value must be >= 1")
+            object.__setattr__(self, name, max(values))
+            object.__setattr__(self, f"layer_{name}", None if len(set(values)) == 1 else values)
+        bad = sorted(
+            {(w.num_attention_heads, w.num_query_groups) for w in self.all_widths()
+             if w.num_attention_heads % w.num_query_groups}
+        )  # fmt: skip
+        if bad:
             raise ArchError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_query_groups={self.num_query_groups}"
-            )
+                "; ".join(f"num_attention_heads={n} is not a multiple of num_query_groups={g}"
+                          for n, g in bad)
+            )  # fmt: skip
+
+    @property
+    def heterogeneous(self) -> bool:
+        """Whether any width differs between layers."""
+        return any(getattr(self, f"layer_{name}") is not None for name in PER_LAYER)
+
+    def widths(self, layer: int) -> LayerWidths:
+        """FFN size, heads and query groups of 0-based ``layer``."""
+        values = []
+        for name in PER_LAYER:
+            per_layer = getattr(self, f"layer_{name}")
+            values.append(getattr(self, name) if per_layer is None else per_layer[layer])
+        return LayerWidths(*values)
+
+    def all_widths(self) -> list[LayerWidths]:
+        return [self.widths(i) for i in range(self.num_layers)]
 
     @property
     def padded_vocab_size(self) -> int:
@@ -85,15 +140,17 @@ class ModelArch:
     def check_layout(self, tp: int, pp: int, vpp: int | None = None) -> None:
         """Raise :class:`ArchError` naming the fix if this model cannot run at tp x pp."""
         problems = []
-        for name, value in (
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_query_groups", self.num_query_groups),
-            ("ffn_hidden_size", self.ffn_hidden_size),
-            ("padded vocab size", self.padded_vocab_size),
-        ):
-            if value % tp:
-                ok = [t for t in range(1, value + 1) if value % t == 0 and t <= 64]
-                problems.append(f"TP={tp} does not divide {name}={value} (valid TP: {ok})")
+        checks = [(name, self.layers_with(name)) for name in
+                  ("num_attention_heads", "num_query_groups", "ffn_hidden_size")]  # fmt: skip
+        checks.append(("padded vocab size", {self.padded_vocab_size: None}))
+        for name, by_value in checks:
+            for value, layers in by_value.items():
+                if value % tp:
+                    where = "" if layers is None else f" in layers {layers}"
+                    problems.append(
+                        f"TP={tp} does not divide {name}={value}{where} "
+                        f"(valid TP: {valid_divisors(value)})"
+                    )
         stages = pp * (vpp or 1)
         if stages > self.num_layers:
             problems.append(
@@ -108,6 +165,17 @@ class ModelArch:
             )
         if problems:
             raise ArchError("; ".join(problems))
+
+    def layers_with(self, name: str) -> dict[int, list[int] | None]:
+        """Each distinct value of per-layer width ``name`` -> the 0-based layers that have it
+        (None for a uniform model: every layer). For error messages that name layers."""
+        per_layer = getattr(self, f"layer_{name}")
+        if per_layer is None:
+            return {getattr(self, name): None}
+        out: dict[int, list[int]] = {}
+        for i, v in enumerate(per_layer):
+            out.setdefault(v, []).append(i)
+        return dict(out)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -7,6 +7,7 @@ Parallelism is whatever Megatron's parallel state says when this runs.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,38 @@ from megatron_prune.models.norm import RMSNorm
 from megatron_prune.models.spec import layer_spec
 
 _ACTIVATIONS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
+
+
+@dataclass
+class PerLayerTransformerConfig(TransformerConfig):
+    """The TransformerConfig of a heterogeneous model: one FFN size, head count and query-group
+    count per layer.
+
+    Megatron's TransformerBlock builds each layer from ``get_config_for_layer`` when
+    ``heterogeneous_block_specs`` is set, and then keys every layer separately in dist
+    checkpoints (uniform models stack them), so saving, loading and resharding need nothing
+    else. megatron-core's own HeterogeneousTransformerConfig reads a Nemotron-NAS JSON file and
+    cannot vary the head count, which width pruning does.
+    """
+
+    layer_widths: tuple[tuple[int, int, int], ...] = ()  # (ffn, heads, groups), one per layer
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.heterogeneous_block_specs = True
+        self._layer_configs: dict[int, TransformerConfig] = {}
+
+    def get_config_for_layer(self, layer_number: int) -> TransformerConfig:
+        """A plain TransformerConfig for 1-based ``layer_number`` (what megatron-core calls)."""
+        if layer_number not in self._layer_configs:
+            ffn, heads, groups = self.layer_widths[layer_number - 1]
+            base = {f.name: getattr(self, f.name) for f in fields(TransformerConfig) if f.init}
+            base.update(
+                ffn_hidden_size=ffn, num_attention_heads=heads, num_query_groups=groups,
+                heterogeneous_block_specs=False,
+            )  # fmt: skip
+            self._layer_configs[layer_number] = TransformerConfig(**base)
+        return self._layer_configs[layer_number]
 
 
 def transformer_config(
@@ -45,7 +78,11 @@ def transformer_config(
     window = None
     if arch.sliding_window is not None:
         window = (arch.sliding_window - 1, 0)  # (left, right) tokens besides the query itself
-    return TransformerConfig(
+    per_layer = {}
+    if arch.heterogeneous:
+        per_layer["layer_widths"] = tuple(tuple(w) for w in arch.all_widths())
+    config_class = PerLayerTransformerConfig if per_layer else TransformerConfig
+    return config_class(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         ffn_hidden_size=arch.ffn_hidden_size,
@@ -85,6 +122,7 @@ def transformer_config(
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
         batch_p2p_comm=not cpu,
+        **per_layer,
     )
 
 

@@ -55,20 +55,23 @@ class FuseQKV:
     With n heads, g groups, p = n/g heads per group and head size d, rows are laid out as
     [q_0 .. q_{p-1}, k, v] for group 0, then group 1, ... Example, n=4, g=2, d=1:
     HF q rows (q0, q1, q2, q3), k rows (k0, k1), v rows (v0, v1) -> Megatron rows
-    (q0, q1, k0, v0, q2, q3, k1, v1). Biases follow the same layout.
+    (q0, q1, k0, v0, q2, q3, k1, v1). Biases follow the same layout. ``layer`` (filled in when
+    the rule is expanded) picks that layer's n and g in heterogeneous models.
     """
 
     megatron: str
     q: str
     k: str
     v: str
+    layer: int = 0
 
     def hf_names(self) -> tuple[str, ...]:
         return (self.q, self.k, self.v)
 
     def to_megatron(self, get: Callable[[str], torch.Tensor], arch: ModelArch) -> torch.Tensor:
-        g, d = arch.num_query_groups, arch.head_dim
-        p = arch.num_attention_heads // g
+        widths, d = arch.widths(self.layer), arch.head_dim
+        g = widths.num_query_groups
+        p = widths.num_attention_heads // g
         q, k, v = get(self.q), get(self.k), get(self.v)
         tail = q.shape[1:]
         grouped = torch.cat(
@@ -77,7 +80,7 @@ class FuseQKV:
         return grouped.reshape(g * (p + 2) * d, *tail)
 
     def to_hf(self, t: torch.Tensor, arch: ModelArch) -> dict[str, torch.Tensor]:
-        g, d = arch.num_query_groups, arch.head_dim
+        g, d = arch.widths(self.layer).num_query_groups, arch.head_dim
         p = t.shape[0] // (g * d) - 2  # heads per group, read off the tensor (pruned models)
         grouped = t.reshape(g, (p + 2) * d, *t.shape[1:])
         q, k, v = grouped.split([p * d, d, d], dim=1)
@@ -116,6 +119,8 @@ def _expand(rule: Rule, layer: int) -> Rule:
         k: v.replace("{i}", str(layer)) if isinstance(v, str) else v
         for k, v in rule.__dict__.items()
     }
+    if "layer" in fields:
+        fields["layer"] = layer
     return type(rule)(**fields)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_prune.models.arch import ModelArch
+from megatron_prune.models.arch import LayerWidths, ModelArch
 from megatron_prune.surgery.norms import absorb_post_norm, slnp
 from megatron_prune.surgery.select import layers_to_drop, top_indices
 from megatron_prune.surgery.state import (
@@ -19,7 +19,13 @@ from megatron_prune.surgery.state import (
     ModelState,
 )
 from megatron_prune.surgery.target import Target, TargetError
-from megatron_prune.surgery.width import HIDDEN_NORMS, assemble_attention, prune_ffn, prune_hidden
+from megatron_prune.surgery.width import (
+    HIDDEN_NORMS,
+    Pick,
+    assemble_attention,
+    prune_ffn,
+    prune_hidden,
+)
 
 
 @dataclass(frozen=True)
@@ -36,11 +42,13 @@ class PruneOptions:
         names = []
         if target.hidden_size < arch.hidden_size:
             names.append(self.channel_score)
-        if (target.num_attention_heads, target.num_query_groups) != (
-            arch.num_attention_heads, arch.num_query_groups
-        ) or self.clap:  # fmt: skip
+        if (
+            target.changes("num_attention_heads", arch)
+            or target.changes("num_query_groups", arch)
+            or self.clap
+        ):
             names.append(self.head_score)
-        if target.ffn_hidden_size < arch.ffn_hidden_size:
+        if target.changes("ffn_hidden_size", arch):
             names.append(self.neuron_score)
         if target.num_layers < arch.num_layers and target.drop_layers is None:
             names.append(self.layer_score)
@@ -71,18 +79,53 @@ def check_scores(scores: dict, arch: ModelArch, target: Target, options: PruneOp
         raise TargetError("--clap merges attention of dropped layers: the target drops none")
 
 
-def _attention_picks(state, arch, target, scores, kept_layer, donors, head_score):
-    g, p = arch.num_query_groups, arch.num_attention_heads // arch.num_query_groups
-    p_new = target.num_attention_heads // target.num_query_groups
+def _attention_picks(
+    state: ModelState,
+    arch: ModelArch,
+    new: LayerWidths,
+    scores: torch.Tensor,
+    sources: list[int],
+) -> list[Pick]:
+    """The query groups layer ``sources[0]`` keeps (with CLAP, ``sources[1:]`` are the dropped
+    layers whose groups compete): inside each candidate group its best heads, then the groups
+    with the best mean surviving-head score (Eq. 5)."""
+    p_new = new.num_attention_heads // new.num_query_groups
     candidates, ranks = [], []
-    for src in [kept_layer, *donors]:
-        per_group = scores[head_score][src].view(g, p)
+    for src in sources:
+        g = arch.widths(src).num_query_groups
+        per_group = scores[src].view(g, -1)
         for grp in range(g):
             heads = top_indices(per_group[grp], p_new)
-            candidates.append((state.layers[src], grp, heads))
-            ranks.append(per_group[grp][heads].double().mean())  # Eq. 5: surviving heads
-    chosen = top_indices(torch.stack(ranks), target.num_query_groups)
+            candidates.append(Pick(state.layers[src], g, grp, heads))
+            ranks.append(per_group[grp][heads].double().mean())
+    chosen = top_indices(torch.stack(ranks), new.num_query_groups)
     return [candidates[i] for i in chosen.tolist()]
+
+
+def _check_fits(arch: ModelArch, new_arch: ModelArch, kept: list[int], donors: dict) -> None:
+    """Each kept layer's target widths against what its source layer (and CLAP donors) hold.
+    Validation already checked them against the widest source layer; this names the layer when
+    a heterogeneous source is narrower."""
+    for k, i in enumerate(kept):
+        problems = []
+        src, new = arch.widths(i), new_arch.widths(k)
+        groups = sum(arch.widths(j).num_query_groups for j in [i, *donors[i]])
+        p_src = min(
+            arch.widths(j).num_attention_heads // arch.widths(j).num_query_groups
+            for j in [i, *donors[i]]
+        )
+        if new.ffn_hidden_size > src.ffn_hidden_size:
+            problems.append(f"ffn_hidden_size={new.ffn_hidden_size} > {src.ffn_hidden_size}")
+        if new.num_query_groups > groups:
+            problems.append(f"num_query_groups={new.num_query_groups} > {groups}")
+        if new.num_attention_heads // new.num_query_groups > p_src:
+            problems.append(f"heads per group {new.num_attention_heads // new.num_query_groups} "
+                            f"> {p_src}")  # fmt: skip
+        if problems:
+            raise TargetError(
+                f"kept layer {k} (source layer {i}) is narrower than the target: "
+                + "; ".join(problems)
+            )
 
 
 def prune_model(
@@ -109,18 +152,20 @@ def prune_model(
             before = [k for k in kept if k < d]
             if before:
                 donors[before[-1]].append(d)
+    shape = target.arch(arch, kept)  # the pruned widths, layer by layer
+    _check_fits(arch, shape, kept, donors)
 
-    attention_changes = options.clap or (target.num_attention_heads, target.num_query_groups) != (
-        arch.num_attention_heads, arch.num_query_groups
-    )  # fmt: skip
     layers = []
-    for i in kept:
-        layer = state.layers[i]
-        if attention_changes:
-            picks = _attention_picks(state, arch, target, scores, i, donors[i], options.head_score)
-            layer = assemble_attention(layer, picks, arch.num_query_groups, arch.head_dim)
-        if target.ffn_hidden_size < arch.ffn_hidden_size:
-            keep = top_indices(scores[options.neuron_score][i], target.ffn_hidden_size)
+    for k, i in enumerate(kept):
+        layer, src, new = state.layers[i], arch.widths(i), shape.widths(k)
+        if options.clap or (new.num_attention_heads, new.num_query_groups) != (
+            src.num_attention_heads, src.num_query_groups
+        ):  # fmt: skip
+            scores_h = scores[options.head_score]
+            picks = _attention_picks(state, arch, new, scores_h, [i, *donors[i]])
+            layer = assemble_attention(layer, picks, arch.head_dim)
+        if new.ffn_hidden_size < src.ffn_hidden_size:
+            keep = top_indices(scores[options.neuron_score][i], new.ffn_hidden_size)
             layer = prune_ffn(layer, keep)
         layers.append(layer)
     pruned = ModelState(layers, dict(state.other))
@@ -141,7 +186,7 @@ def prune_model(
                     new[proj], new.pop(norm), inv, arch.zero_centered_gamma
                 )
         post_norms = False
-    new_arch = target.arch(arch, post_norms=post_norms)
+    new_arch = target.arch(arch, kept, post_norms=post_norms)
     if arch.sliding_window is not None and dropped:  # survivors keep their local/global kind
         local = tuple(arch.is_local_layer(i) for i in kept)
         new_arch = ModelArch.from_dict({**new_arch.to_dict(), "local_layers": local})

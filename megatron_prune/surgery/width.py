@@ -8,6 +8,8 @@ output rows of the attention projection and FC2.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from megatron_prune.surgery.state import (
@@ -52,21 +54,27 @@ def prune_hidden(state: ModelState, keep: torch.Tensor) -> ModelState:
     return ModelState(layers, other)
 
 
+class Pick(NamedTuple):
+    """One query group a pruned layer keeps: the layer it comes from (whole tensors), that
+    layer's group count, the group's index there, and the heads kept inside it."""
+
+    layer: dict[str, torch.Tensor]
+    num_groups: int
+    group: int
+    heads: torch.Tensor
+
+
 def assemble_attention(
-    base: dict[str, torch.Tensor],
-    picks: list[tuple[dict[str, torch.Tensor], int, torch.Tensor]],
-    num_groups: int,
-    head_dim: int,
+    base: dict[str, torch.Tensor], picks: list[Pick], head_dim: int
 ) -> dict[str, torch.Tensor]:
-    """``base`` with its attention rebuilt from ``picks``: for each kept query group, (the layer
-    it comes from, its group index there, the heads kept inside it). Each group brings its K and
-    V rows, the Q rows of its kept heads and the attention-projection columns of those heads.
-    With every pick from ``base`` this is plain head / group pruning; CLAP also picks groups
-    from a dropped layer.
+    """``base`` with its attention rebuilt from ``picks``, one per kept query group. Each group
+    brings its K and V rows, the Q rows of its kept heads and the attention-projection columns of
+    those heads. With every pick from ``base`` this is plain head / group pruning; CLAP also
+    picks groups from a dropped layer.
     """
     new = dict(base)
     qs, ks, vs, cols, biases = [], [], [], [], []
-    for layer, g, heads in picks:
+    for layer, num_groups, g, heads in picks:
         q, k, v = split_qkv(layer[QKV], num_groups, head_dim)  # q [g, p, d, h]
         qs.append(q[g][heads])
         ks.append(k[g])
