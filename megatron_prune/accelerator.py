@@ -11,9 +11,11 @@ MindSpeed; on CUDA nothing is patched.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -75,6 +77,7 @@ _MODULES_WITH_CUDA_LITERALS = (
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.grad_scaler",
     "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.utils",  # local multi-tensor L2 norm (gradient clipping)
 )
 
 
@@ -154,6 +157,37 @@ def apply_cpu_shim() -> None:
 
     dynamo.config.disable = True
     _SHIM_APPLIED = True
+
+
+_CPU_TO_CUDA_TYPE = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+@contextlib.contextmanager
+def cuda_type_names() -> Iterator[None]:
+    """While active (and only with the CPU shim applied), ``Tensor.type()`` with no argument names
+    CPU float tensors as CUDA ones. megatron-core's optimizers and gradient clipping check
+    parameters by these strings; wrap their construction and ``step()`` in this. A no-op on
+    accelerators, and scoped because other code may rely on the true names."""
+    if not _SHIM_APPLIED:
+        yield
+        return
+    original = torch.Tensor.type
+
+    def type_(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        if args or kwargs:
+            return result
+        return _CPU_TO_CUDA_TYPE.get(result, result)
+
+    torch.Tensor.type = type_  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original  # type: ignore[method-assign]
 
 
 def prepare(requested: str | None = None) -> Accelerator:

@@ -19,6 +19,8 @@ COMMANDS = {
     "generate": "Greedy generation from a prompt",
     "score": "Importance scores from calibration activations, at any layout",
     "prune": "Structured pruning (width, depth, CLAP, SLNP, norm absorption)",
+    "data": "Build Megatron indexed datasets (data build) with a checkpoint's tokenizer",
+    "distill": "Online full-vocabulary logit distillation (teacher and student, one layout)",
     "run": "Run a YAML recipe (a list of the commands above)",
 }
 
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         args.module.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as err:
         # Bad input: one clear line, no traceback, non-zero exit.
+        if os.environ.get("MEGATRON_PRUNE_DEBUG") == "1":
+            raise
         print(f"megatron-prune {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:

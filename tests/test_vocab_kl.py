@@ -15,7 +15,9 @@ def report(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("case", ["forward", "reverse", "forward_T2", "reverse_T2"])
+@pytest.mark.parametrize(
+    "case", ["forward", "reverse", "forward_T2", "reverse_T2", "top5", "top3_T2"]
+)
 def test_matches_gathered_kl(report, case):
     r = report[case]
     assert r["value_diff"] <= 1e-6 * 10, r  # values are O(1-10): 1e-6 relative

@@ -44,9 +44,26 @@ def read_tensors(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, 
     return out
 
 
+def remote_code(base_class: str) -> str:
+    """Our model class for a config with ``auto_map`` (see
+    :mod:`megatron_prune.models.hf_remote_code`), subclassing transformers' ``base_class``."""
+    from megatron_prune.models import hf_remote_code
+
+    template = Path(hf_remote_code.__file__).read_text()
+    line = f'BASE_CLASS = "{hf_remote_code.BASE_CLASS}"'
+    assert template.count(line) == 1, "hf_remote_code.py must assign BASE_CLASS once"
+    return template.replace(line, f'BASE_CLASS = "{base_class}"')
+
+
 def write_folder(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Write one safetensors file and the config (the caller makes the folder atomic)."""
+    """Write one safetensors file and the config (the caller makes the folder atomic), and the
+    model class a config with ``auto_map`` names."""
+    from megatron_prune.models.families import EXPORT_KEY, REMOTE_MODULE
+
     folder.mkdir(parents=True, exist_ok=True)
+    if "auto_map" in config:
+        base = config[EXPORT_KEY]["base_class"]
+        (folder / f"{REMOTE_MODULE}.py").write_text(remote_code(base))
     save_file(
         {k: v.contiguous() for k, v in tensors.items()},
         str(folder / "model.safetensors"),

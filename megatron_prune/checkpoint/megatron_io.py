@@ -19,7 +19,8 @@ from megatron_prune.checkpoint.metadata import CheckpointError, CheckpointMeta
 from megatron_prune.models.arch import ModelArch
 
 
-def _sharded_state(chunks: list[torch.nn.Module]) -> dict:
+def sharded_model_state(chunks: list[torch.nn.Module]) -> dict:
+    """Model chunks as dist-checkpoint state: key "model", or "model0", "model1", ... (VPP)."""
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
@@ -27,23 +28,32 @@ def _sharded_state(chunks: list[torch.nn.Module]) -> dict:
 
 def save_chunks(chunks: list[torch.nn.Module], directory: Path) -> None:
     """Collective: every rank saves its shards into ``directory``."""
-    dist_checkpointing.save(_sharded_state(chunks), str(directory))
+    dist_checkpointing.save(sharded_model_state(chunks), str(directory))
 
 
 def load_chunks(chunks: list[torch.nn.Module], directory: Path) -> None:
     """Collective: fill this rank's chunks from a dist checkpoint written at any layout."""
-    directory = Path(directory)
+    state = load_sharded(sharded_model_state(chunks), Path(directory))
+    apply_model_state(chunks, state, Path(directory))
+
+
+def load_sharded(template: dict, directory: Path) -> dict:
+    """Collective: ``dist_checkpointing.load`` with errors that name the damaged checkpoint."""
     if not (directory / "metadata.json").is_file():
         raise CheckpointError(
             f"{directory} holds no Megatron dist checkpoint (metadata.json missing)"
         )
     try:
-        state = dist_checkpointing.load(_sharded_state(chunks), str(directory))
+        return dist_checkpointing.load(template, str(directory))
     except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
         raise CheckpointError(
             f"{directory}: cannot load the dist checkpoint, it is truncated or damaged "
             f"({_root_cause(err)})"
         ) from err
+
+
+def apply_model_state(chunks: list[torch.nn.Module], state: dict, directory: Path) -> None:
+    """Copy loaded "model*" entries into the chunks; every tensor must have been found."""
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for chunk, key in zip(chunks, keys, strict=True):
         chunk.load_state_dict(state[key], strict=False)

@@ -59,7 +59,7 @@ def shard(full: torch.Tensor, dim: int | None, name: str, tp_rank: int, tp: int)
     return full.chunk(tp, dim=dim)[tp_rank]
 
 
-def _parameters_with_split(chunk: torch.nn.Module):
+def parameters_with_split(chunk: torch.nn.Module):
     """(qualified name, parameter, TP axis) for every parameter of ``chunk``."""
     for module_name, module in chunk.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
@@ -73,7 +73,7 @@ def load_full_state(chunks: list[torch.nn.Module], full: Mapping[str, torch.Tens
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for chunk in chunks:
-        for local, param, dim in _parameters_with_split(chunk):
+        for local, param, dim in parameters_with_split(chunk):
             name = global_name(chunk, local)
             source = name
             if name == "output_layer.weight" and name not in full:

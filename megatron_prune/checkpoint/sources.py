@@ -88,7 +88,7 @@ def open_source(spec: str) -> Source:
         path = Path(spec[len("gguf:") :])
         cfg = gguf_io.read_gguf_config(path)
         family = family_for_hf_config(cfg)
-        return Source("gguf", path, family.arch_from_hf(cfg), family)
+        return Source("gguf", path, family.read_hf_config(cfg), family)
     path = Path(spec)
     if not path.exists():
         raise CheckpointError(f"source {spec} does not exist")
@@ -98,7 +98,7 @@ def open_source(spec: str) -> Source:
     if hf.is_hf_folder(path):
         cfg = hf.read_config(path)
         family = family_for_hf_config(cfg)
-        return Source("hf", path, family.arch_from_hf(cfg), family)
+        return Source("hf", path, family.read_hf_config(cfg), family)
     if path.suffix == ".gguf":
         return open_source(f"gguf:{path}")
     raise CheckpointError(

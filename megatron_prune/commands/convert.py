@@ -90,7 +90,7 @@ def to_hf(source: Source, dst: Path, overwrite: bool) -> None:
     tensors = megatron_to_hf(state, family.rules(arch), arch)
     with atomic_directory(dst, overwrite) as scratch:
         if is_writer():  # every rank holds the same whole tensors; one writes them
-            hf.write_folder(scratch, family.hf_from_arch(arch), tensors)
+            hf.write_folder(scratch, family.write_hf_config(arch), tensors)
             tokenizer_dir = scratch / "tokenizer.tmp"
             if source.save_tokenizer(tokenizer_dir):
                 for f in tokenizer_dir.iterdir():
@@ -101,20 +101,16 @@ def to_hf(source: Source, dst: Path, overwrite: bool) -> None:
 
 
 def check_hf_exportable(arch, family) -> None:
-    """Refuse, before any work, what transformers' classes cannot represent."""
-    problems = []
+    """Refuse, before any work, what transformers' config classes reject. (Absorbed post-norms
+    and per-layer widths are written with our own model class; see ``Family.write_hf_config``.)
+    """
     if family.transformers_class and arch.hidden_size % arch.num_attention_heads:
-        problems.append(
-            f"transformers requires hidden_size ({arch.hidden_size}) to be a multiple of "
-            f"num_attention_heads ({arch.num_attention_heads}); prune to such a hidden size"
+        raise ValueError(
+            f"cannot export to Hugging Face: transformers requires hidden_size "
+            f"({arch.hidden_size}) to be a multiple of num_attention_heads "
+            f"({arch.num_attention_heads}{', the widest layer' if arch.heterogeneous else ''}); "
+            "prune to such a hidden size"
         )
-    if family.hf_needs_post_norms and not arch.post_norms:
-        problems.append(
-            f"transformers' {family.name} class always has post-norms; a model with absorbed "
-            "post-norms runs in Megatron but has no transformers class"
-        )
-    if problems:
-        raise ValueError("cannot export to Hugging Face: " + "; ".join(problems))
 
 
 def megatron_whole_state(path: Path) -> dict[str, torch.Tensor]:

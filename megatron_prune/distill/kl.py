@@ -13,6 +13,11 @@ all-reduced (SUM); the sums over v are local sums all-reduced (SUM). The student
 are differentiable with "reduce forward, copy backward" semantics: every TP rank holds the same
 loss, and each rank's gradient flows only into its own shard. Tokens are processed in chunks so
 the fp32 temporaries stay [chunk, V/t].
+
+Top-k variant (forward KL only): the teacher keeps its k most likely tokens per position,
+renormalised over them; the student keeps its full-vocabulary softmax. It is the same formula
+with the teacher's support restricted, so ``p_v = 0`` outside the top k. The k-th largest
+teacher logit is found from each rank's local top k, gathered over TP (c x k values per rank).
 """
 
 from __future__ import annotations
@@ -46,7 +51,30 @@ def _log_partition(x: torch.Tensor, group, differentiable: bool) -> torch.Tensor
     return peak + torch.log(total)
 
 
-def _chunk_kl(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor | None, reverse: bool, group):
+def _top_k_support(t: torch.Tensor, k: int, group) -> torch.Tensor:
+    """[c, V/t] bool: True where the teacher logit is among the k largest of the whole row
+    (ties at the k-th value are all kept)."""
+    local = t.topk(min(k, t.shape[-1]), dim=-1).values
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(parts, local.contiguous(), group=group)
+        local = torch.cat(parts, -1)
+    threshold = local.topk(min(k, local.shape[-1]), dim=-1).values[:, -1:]
+    return t >= threshold
+
+
+def _chunk_kl(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    valid: torch.Tensor | None,
+    reverse: bool,
+    group,
+    top_k: int | None = None,
+):
+    if top_k is not None:
+        support = _top_k_support(t, top_k, group)
+        valid = support if valid is None else support & valid
+        t = torch.where(support, t, torch.full_like(t, torch.finfo(torch.float32).min))
     log_zs = _log_partition(s, group, differentiable=True)
     with torch.no_grad():
         log_zt = _log_partition(t, group, differentiable=False)
@@ -76,14 +104,19 @@ def vocab_parallel_kl(
     temperature: float = 1.0,
     reverse: bool = False,
     scale_by_t2: bool = True,
+    top_k: int | None = None,
     chunk_tokens: int = 4096,
 ) -> torch.Tensor:
     """Per-token KL, [..] = the logits' leading dims; logits are [..., V/t] shards.
 
     ``vocab_start`` is the first vocabulary id of this rank's shard and ``vocab_size`` the real
     vocabulary: ids at or beyond it are padding and get no probability. Teacher and student must
-    share the (padded) split; a genuinely different vocabulary is refused.
+    share the (padded) split; a genuinely different vocabulary is refused. ``top_k`` restricts
+    the teacher to its k most likely tokens (forward KL only).
     """
+    if top_k is not None and (reverse or top_k < 1):
+        raise ValueError("top_k needs forward KL and k >= 1 (reverse KL over a truncated "
+                         "teacher is unbounded)")  # fmt: skip
     if student.shape != teacher.shape:
         raise VocabMismatchError(
             f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
@@ -105,6 +138,38 @@ def vocab_parallel_kl(
             neg = torch.finfo(torch.float32).min
             s = torch.where(valid, s, torch.full_like(s, neg))
             t = torch.where(valid, t, torch.full_like(t, neg))
-        out.append(_chunk_kl(s, t, valid, reverse, group))
+        out.append(_chunk_kl(s, t, valid, reverse, group, top_k))
     kl = torch.cat(out).reshape(lead)
     return kl * temperature**2 if scale_by_t2 else kl
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    group=None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+    chunk_tokens: int = 4096,
+) -> torch.Tensor:
+    """Per-token LM cross-entropy -log softmax(logits)[label] over TP-split logits [..., V/t],
+    in fp32 and chunks like :func:`vocab_parallel_kl`; padding ids (>= vocab_size) get no
+    probability, unlike Megatron's own vocab-parallel cross-entropy."""
+    lead, width = logits.shape[:-1], logits.shape[-1]
+    flat = logits.reshape(-1, width)
+    targets = labels.reshape(-1) - vocab_start
+    ids = torch.arange(vocab_start, vocab_start + width, device=logits.device)
+    valid = None if vocab_size is None else (ids < vocab_size)[None, :]
+    out = []
+    for start in range(0, flat.shape[0], chunk_tokens):
+        s = flat[start : start + chunk_tokens].float()
+        if valid is not None:
+            s = torch.where(valid, s, torch.full_like(s, torch.finfo(torch.float32).min))
+        target = targets[start : start + chunk_tokens]
+        mine = (target >= 0) & (target < width)
+        picked = s.gather(-1, target.clamp(0, width - 1)[:, None])[:, 0]
+        picked = reduce_from_tensor_model_parallel_region(
+            torch.where(mine, picked, torch.zeros_like(picked)), group
+        )
+        out.append(_log_partition(s, group, differentiable=True) - picked)
+    return torch.cat(out).reshape(lead)

@@ -46,7 +46,7 @@ def gather_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return full[..., :vocab_size]
 
 
-def _broadcast_from_last_stage(result: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+def broadcast_from_last_stage(result: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """Send the last stage's result to every stage of this rank's pipeline (on ``device``, as
     NCCL needs; the result comes back on the CPU)."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
@@ -121,7 +121,7 @@ def forward_reduce(
         )
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     result = torch.cat(outputs[:real]) if last else None
-    return _broadcast_from_last_stage(result, device)
+    return broadcast_from_last_stage(result, device)
 
 
 def full_logits(

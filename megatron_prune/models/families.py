@@ -23,8 +23,13 @@ _L = "model.layers.{i}."
 _M = "decoder.layers.{i}."
 
 
-def decoder_rules(arch: ModelArch) -> list[Rule]:
-    """The weight table of a HF-style decoder (Llama/Qwen/Gemma naming) for ``arch``."""
+def decoder_rules(arch: ModelArch, sandwich_names: bool = False) -> list[Rule]:
+    """The weight table of a HF-style decoder (Llama/Qwen/Gemma naming) for ``arch``.
+
+    ``sandwich_names``: the family spells its pre-MLP norm ``pre_feedforward_layernorm`` (Gemma,
+    Pangu) even when the model has no post-norms (absorbed); otherwise the pre-MLP norm is
+    ``post_attention_layernorm`` unless the model has post-norms.
+    """
     attn = _M + "self_attention."
     layer: list[Rule] = [
         Copy(_M + "input_layernorm.weight", _L + "input_layernorm.weight"),
@@ -54,15 +59,16 @@ def decoder_rules(arch: ModelArch) -> list[Rule]:
             Copy(attn + "q_layernorm.weight", _L + "self_attn.q_norm.weight"),
             Copy(attn + "k_layernorm.weight", _L + "self_attn.k_norm.weight"),
         ]
-    if arch.post_norms:
+    if arch.post_norms or sandwich_names:
         # Sandwich naming: HF's "post_attention_layernorm" *is* the post-attention norm here,
         # while in a pre-norm model the same name is the pre-MLP norm.
+        layer.append(Copy(_M + "pre_mlp_layernorm.weight", _L + "pre_feedforward_layernorm.weight"))
+    if arch.post_norms:
         layer += [
-            Copy(_M + "pre_mlp_layernorm.weight", _L + "pre_feedforward_layernorm.weight"),
             Copy(attn + "linear_proj.post_norm.weight", _L + "post_attention_layernorm.weight"),
             Copy(_M + "mlp.linear_fc2.post_norm.weight", _L + "post_feedforward_layernorm.weight"),
         ]
-    else:
+    if not (arch.post_norms or sandwich_names):
         layer.append(Copy(_M + "pre_mlp_layernorm.weight", _L + "post_attention_layernorm.weight"))
     other: list[Rule] = [
         Copy("embedding.word_embeddings.weight", "model.embed_tokens.weight", vocab=True),
@@ -206,6 +212,25 @@ def _gemma3_hf(arch: ModelArch) -> HFConfig:
     }
 
 
+def _sandwich_rules(arch: ModelArch) -> list[Rule]:
+    return decoder_rules(arch, sandwich_names=True)
+
+
+# What a stock transformers class cannot express goes under this config.json key, read by the
+# model class we write next to the weights (models/hf_remote_code.py, trust_remote_code=True):
+# "layer_widths": one dict of config overrides per layer (heterogeneous models);
+# "identity_modules": decoder-layer modules that become identities (absorbed post-norms).
+EXPORT_KEY = "megatron_prune"
+REMOTE_CLASS = "MegatronPruneForCausalLM"
+REMOTE_MODULE = "modeling_megatron_prune"
+_PER_LAYER_HF = {  # our per-layer width -> its HF config name
+    "ffn_hidden_size": "intermediate_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_key_value_heads",
+}
+_POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+
+
 @dataclass(frozen=True)
 class Family:
     """How one family's checkpoints are spelt. ``hf_model_types`` are the config ``model_type``
@@ -217,7 +242,45 @@ class Family:
     hf_from_arch: Callable[[ModelArch], HFConfig]
     rules: Callable[[ModelArch], list[Rule]] = decoder_rules
     transformers_class: bool = True  # False: no transformers model class exists (pangu)
-    hf_needs_post_norms: bool = False  # its transformers class always has post-norms
+    # the post-norm modules of its HF decoder layer (sandwich families): the transformers class
+    # always builds them, so absorbed models replace them by identities
+    hf_post_norms: tuple[str, ...] = ()
+
+    def read_hf_config(self, cfg: HFConfig) -> ModelArch:
+        """The architecture of an HF config, including what our own exports add."""
+        arch = self.arch_from_hf(cfg)
+        extra = cfg.get(EXPORT_KEY) or {}
+        data = arch.to_dict()
+        if extra.get("layer_widths"):
+            for ours, theirs in _PER_LAYER_HF.items():
+                data[f"layer_{ours}"] = [w[theirs] for w in extra["layer_widths"]]
+        if self.hf_post_norms and set(self.hf_post_norms) <= set(extra.get("identity_modules", ())):
+            data["post_norms"] = False
+        return ModelArch.from_dict(data)
+
+    def write_hf_config(self, arch: ModelArch) -> HFConfig:
+        """config.json for ``arch``: the stock class when it can express the model, else the
+        stock class's config plus :data:`EXPORT_KEY` and an ``auto_map`` to our model class."""
+        cfg = self.hf_from_arch(arch)
+        extra: dict[str, Any] = {}
+        if arch.heterogeneous:
+            # global values: the stock class builds (then we replace) layers of this shape, so
+            # it must be a valid pair; the widest layer's is
+            widest = max(arch.all_widths(), key=lambda w: w.num_attention_heads)
+            cfg["num_key_value_heads"] = widest.num_query_groups
+            extra["layer_widths"] = [
+                {theirs: getattr(w, ours) for ours, theirs in _PER_LAYER_HF.items()}
+                for w in arch.all_widths()
+            ]
+        if self.hf_post_norms and not arch.post_norms:
+            extra["identity_modules"] = list(self.hf_post_norms)
+        if not extra:
+            return cfg
+        cfg[EXPORT_KEY] = {"base_class": cfg["architectures"][0], **extra}
+        if self.transformers_class:
+            cfg["architectures"] = [REMOTE_CLASS]
+            cfg["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_MODULE}.{REMOTE_CLASS}"}
+        return cfg
 
 
 FAMILIES: dict[str, Family] = {
@@ -246,14 +309,21 @@ FAMILIES: dict[str, Family] = {
             ),
         ),
         Family(
-            "gemma3", ("gemma3_text", "gemma3"), _gemma3_arch, _gemma3_hf, hf_needs_post_norms=True
-        ),  # fmt: skip
+            "gemma3",
+            ("gemma3_text", "gemma3"),
+            _gemma3_arch,
+            _gemma3_hf,
+            _sandwich_rules,
+            hf_post_norms=_POST_NORMS,
+        ),
         Family(
             "pangu",
             ("pangu_sandwich",),
             lambda c: _llama_arch(c, "pangu", post_norms=True),
             lambda a: _llama_hf(a, "pangu_sandwich", "PanguSandwichForCausalLM"),
+            _sandwich_rules,
             transformers_class=False,
+            hf_post_norms=_POST_NORMS,
         ),
     )
 }

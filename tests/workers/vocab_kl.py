@@ -8,9 +8,15 @@ from pathlib import Path
 import torch
 
 
-def reference(student, teacher, temperature, reverse):
+def reference(student, teacher, temperature, reverse, top_k=None):
     log_q = torch.log_softmax(student / temperature, -1)
+    if top_k is not None:  # teacher renormalised over its k largest logits
+        kth = teacher.topk(top_k, -1).values[..., -1:]
+        teacher = teacher.masked_fill(teacher < kth, float("-inf"))
     log_p = torch.log_softmax(teacher / temperature, -1)
+    if top_k is not None:
+        p = log_p.exp()
+        return (p * (log_p - log_q)).nan_to_num().sum(-1) * temperature**2
     if reverse:
         kl = (log_q.exp() * (log_q - log_p)).sum(-1)
     else:
@@ -32,19 +38,20 @@ def main() -> None:
     full_s = torch.randn(3, 5, vocab, generator=g) * 3
     full_t = torch.randn(3, 5, vocab, generator=g) * 3
     report = {}
-    cases = (("forward", 1.0, False), ("reverse", 1.0, True),
-             ("forward_T2", 2.0, False), ("reverse_T2", 2.0, True))  # fmt: skip
-    for name, temperature, reverse in cases:
+    cases = (("forward", 1.0, False, None), ("reverse", 1.0, True, None),
+             ("forward_T2", 2.0, False, None), ("reverse_T2", 2.0, True, None),
+             ("top5", 1.0, False, 5), ("top3_T2", 2.0, False, 3))  # fmt: skip
+    for name, temperature, reverse, top_k in cases:
         pad = torch.zeros(3, 5, padded - vocab)
         local_s = torch.cat([full_s, pad], -1)[..., rank * shard : (rank + 1) * shard].clone()
         local_t = torch.cat([full_t, pad], -1)[..., rank * shard : (rank + 1) * shard]
         local_s.requires_grad_(True)
         kl = vocab_parallel_kl(local_s, local_t, group=group, vocab_start=rank * shard,
                                vocab_size=vocab, temperature=temperature, reverse=reverse,
-                               chunk_tokens=4)  # fmt: skip
+                               top_k=top_k, chunk_tokens=4)  # fmt: skip
         kl.sum().backward()
         ref_s = full_s.clone().requires_grad_(True)
-        ref = reference(ref_s, full_t, temperature, reverse)
+        ref = reference(ref_s, full_t, temperature, reverse, top_k)
         ref.sum().backward()
         ref_grad = torch.cat([ref_s.grad, pad], -1)[..., rank * shard : (rank + 1) * shard]
         report[name] = {

@@ -1,0 +1,88 @@
+"""Teacher and student as one pipeline model, so Megatron's own schedules run both stage by stage.
+
+Each virtual-pipeline chunk of the pair holds the student's and the teacher's chunk for the same
+stage. Between stages the pair sends one tensor, the teacher's hidden states concatenated with
+the student's on the last dimension ([s, b, h_t + h_s], or [s/t, b, h_t + h_s] with sequence
+parallelism), which is why the pair's ``config`` (the one the schedules read) reports
+``hidden_size = h_t + h_s``. The teacher part carries no gradient: it is detached on send and
+on receipt, so the backward pass moves the student's gradients only. On the last stage the pair
+returns both logits shards and the loss function compares them.
+
+Works with the 1F1B and the interleaved schedule alike (the interleaved one has no hook for
+per-model tensor shapes; a wider hidden size is all it needs).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from megatron.core.utils import get_attr_wrapped_model
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+class DistillationChunk(torch.nn.Module):
+    """One pipeline chunk of a (trainable student, frozen teacher) pair.
+
+    ``student`` may be wrapped in Megatron's DistributedDataParallel; ``teacher`` is a plain
+    GPTModel chunk, put in eval mode with gradients off (it may hold bf16 weights).
+    """
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        teacher.eval()
+        teacher.requires_grad_(False)
+        student_config = get_attr_wrapped_model(student, "config")
+        teacher_config = get_attr_wrapped_model(teacher, "config")
+        self.teacher_hidden = teacher_config.hidden_size
+        # The schedules size their send/receive buffers from config.hidden_size and set their
+        # hooks (no_sync, finalize_model_grads) on it: a copy keeps the student's own untouched.
+        self.config = copy.copy(student_config)
+        self.config.hidden_size = teacher_config.hidden_size + student_config.hidden_size
+        self.vp_stage = getattr(_unwrap(student), "vp_stage", None)
+        self.model_type = get_attr_wrapped_model(student, "model_type")
+        self._transport_dtype = student_config.pipeline_dtype or torch.float32
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Receive the previous stage's [.., h_t + h_s] tensor and hand each model its part."""
+        if isinstance(input_tensor, list):
+            (input_tensor,) = input_tensor
+        if input_tensor is None:
+            teacher_part = student_part = None
+        else:
+            teacher_dtype = next(self.teacher.parameters()).dtype
+            teacher_part = input_tensor[..., : self.teacher_hidden].detach().to(teacher_dtype)
+            student_part = input_tensor[..., self.teacher_hidden :].contiguous()
+        get_attr_wrapped_model(self.teacher, "set_input_tensor")(teacher_part)
+        get_attr_wrapped_model(self.student, "set_input_tensor")(student_part)
+
+    def forward(self, input_ids, position_ids, attention_mask):
+        with torch.no_grad():
+            teacher_out = self.teacher(input_ids, position_ids, attention_mask)
+        student_out = self.student(input_ids, position_ids, attention_mask)
+        if _unwrap(self.student).post_process:
+            return student_out, teacher_out  # [b, s, Vp/t] logits shards, to the loss function
+        teacher_out = teacher_out.to(self._transport_dtype)
+        return torch.cat([teacher_out, student_out.to(self._transport_dtype)], dim=-1)
+
+
+def pair_chunks(
+    students: list[torch.nn.Module], teachers: list[torch.nn.Module]
+) -> list[DistillationChunk]:
+    """Zip this rank's student and teacher chunks (same layout, same number of VPP chunks)."""
+    if len(students) != len(teachers):
+        raise ValueError(
+            f"student has {len(students)} virtual-pipeline chunks and teacher {len(teachers)}: "
+            "both must be built at the same layout"
+        )
+    pairs = [DistillationChunk(s, t) for s, t in zip(students, teachers, strict=True)]
+    for pair in pairs[1:]:  # the schedules read one config: its hooks must be seen by all
+        pair.config = pairs[0].config
+    return pairs
