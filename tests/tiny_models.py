@@ -23,18 +23,22 @@ COMMON = dict(
 )
 
 
-def hf_config(family: str):
+def hf_config(family: str, **overrides):
+    """The tiny config of ``family``; ``overrides`` change COMMON's sizes (e.g. a smaller
+    student sharing the teacher's vocabulary)."""
     import transformers as tf
 
+    common = {**COMMON, **overrides}
+
     if family == "llama":
-        return tf.LlamaConfig(**COMMON, tie_word_embeddings=True, rope_theta=500.0)
+        return tf.LlamaConfig(**common, tie_word_embeddings=True, rope_theta=500.0)
     if family == "qwen2":
-        return tf.Qwen2Config(**COMMON, tie_word_embeddings=False)
+        return tf.Qwen2Config(**common, tie_word_embeddings=False)
     if family == "qwen3":
-        return tf.Qwen3Config(**{**COMMON, "head_dim": 24}, tie_word_embeddings=False)
+        return tf.Qwen3Config(**{**common, "head_dim": 24}, tie_word_embeddings=False)
     if family == "gemma3":
         return tf.Gemma3TextConfig(
-            **COMMON,
+            **common,
             sliding_window=6,
             layer_types=["sliding_attention", "full_attention"] * 2,
             query_pre_attn_scalar=20,
@@ -59,10 +63,10 @@ def perturb(model: torch.nn.Module, seed: int, zero_centered: bool = False) -> N
                 p.copy_(noise * (1.0 / p.shape[-1] ** 0.5))
 
 
-def make_hf_model(family: str, seed: int = 0) -> torch.nn.Module:
+def make_hf_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     import transformers as tf
 
-    config = hf_config(family)
+    config = hf_config(family, **overrides)
     config._attn_implementation = "eager"
     cls = tf.Gemma3ForCausalLM if family == "gemma3" else tf.AutoModelForCausalLM
     model = cls.from_config(config) if cls is tf.AutoModelForCausalLM else cls(config)
@@ -84,7 +88,7 @@ def save_reference_model(model: torch.nn.Module, arch, folder: Path) -> Path:
 
 def save_word_tokenizer(folder: Path, text: str, vocab_size: int = 250) -> None:
     """A word-level tokenizer over the most frequent words of ``text`` (ids < vocab_size), with
-    <unk> and <bos>, saved as Hugging Face tokenizer files in ``folder``."""
+    <unk>, <bos> and <eos>, saved as Hugging Face tokenizer files in ``folder``."""
     import collections
     import json
     import re
@@ -92,7 +96,7 @@ def save_word_tokenizer(folder: Path, text: str, vocab_size: int = 250) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = collections.Counter(re.findall(r"\w+|[^\w\s]", text.lower()))
-    vocab = {"<unk>": 0, "<bos>": 1}
+    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2}
     for word, _ in words.most_common(vocab_size - len(vocab)):
         vocab[word] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -101,6 +105,7 @@ def save_word_tokenizer(folder: Path, text: str, vocab_size: int = 250) -> None:
     tok.save(str(folder / "tokenizer.json"))
     config = {
         "bos_token": "<bos>",
+        "eos_token": "<eos>",
         "unk_token": "<unk>",
         "tokenizer_class": "PreTrainedTokenizerFast",
     }

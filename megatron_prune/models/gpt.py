@@ -181,7 +181,24 @@ def build_model(
     stages = [None] if vpp is None else list(range(vpp))
     chunks = [build_chunk(arch, config, vp_stage=s) for s in stages]
     for chunk in chunks:
+        if not initialize:
+            tag_tensor_parallel_params(chunk)
         if device is not None:
             chunk.to(device)
         chunk.eval()
     return chunks
+
+
+def tag_tensor_parallel_params(chunk: torch.nn.Module) -> None:
+    """Set the ``tensor_model_parallel`` / ``partition_dim`` tags Megatron gives the parameters
+    it initialises; without them (initialisation skipped because weights are loaded next) the
+    optimizer's gradient norm counts TP-split weights on TP rank 0 only."""
+    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+    from megatron_prune.checkpoint.sharding import partition_dim
+
+    for module in chunk.modules():
+        for name, param in module.named_parameters(recurse=False):
+            dim = partition_dim(module, name)
+            if dim is not None and not hasattr(param, "tensor_model_parallel"):
+                set_tensor_model_parallel_attributes(param, True, dim, 1)
