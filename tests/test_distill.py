@@ -1,0 +1,186 @@
+"""Distillation end to end through the CLI on tiny models (CPU, gloo): the same three steps at
+every layout, exact resume after a kill, the LM-only baseline with TensorBoard and wandb
+(offline) logging, indexed-dataset building, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import REPO, _env, cli, last_json
+
+STEPS_3 = ["--train-tokens", "384", "--seq-len", "32", "--global-batch", "4",
+           "--temperature", "2", "--lm-weight", "0.25", "--lr", "1e-3"]  # fmt: skip
+LAYOUTS = {
+    "tp2": ["--tp", "2"],
+    "tp2_sp": ["--tp", "2", "--sequence-parallel"],
+    "pp2": ["--pp", "2"],
+    "pp2_vpp2": ["--pp", "2", "--vpp", "2"],
+    "dp2": ["--nproc-per-node", "2"],
+    "dp2_distributed_optimizer": ["--nproc-per-node", "2", "--distributed-optimizer"],
+}
+
+
+def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, austen_calibration_text, austen_eval_text):
+    """A tiny Gemma 3 teacher, a narrower student with the same tokenizer, and training data."""
+    from tests.tiny_models import make_hf_model, save_hf_model, save_word_tokenizer
+
+    tmp = tmp_path_factory.mktemp("distill")
+    text = austen_calibration_text.read_text()[:200_000]
+    (tmp / "train.txt").write_text(text)
+    (tmp / "eval.txt").write_text(austen_eval_text.read_text()[:20_000])
+    student_sizes = {"hidden_size": 48, "intermediate_size": 96}
+    for name, seed, sizes in (("teacher", 3, {}), ("student", 4, student_sizes)):
+        # Gemma 3: sandwich norms, QK-norm (TP-replicated weights), tied embeddings, BOS
+        folder = save_hf_model(make_hf_model("gemma3", seed=seed, **sizes), tmp / f"{name}_hf")
+        save_word_tokenizer(folder, text)
+        _ok(cli("convert", str(folder), str(tmp / name)))
+    built = _ok(cli("data", "build", "--tokenizer", str(tmp / "teacher"), "--input",
+                    str(tmp / "train.txt"), "--output", str(tmp / "data" / "train")))  # fmt: skip
+    return {"tmp": tmp, "build": last_json(built.stdout)}
+
+
+def _distill(models, out, *extra: str, teacher: bool = True) -> subprocess.CompletedProcess:
+    tmp = models["tmp"]
+    args = ["distill", "--student", str(tmp / "student"), "--data", str(tmp / "data" / "train"),
+            "--out", str(out)]  # fmt: skip
+    if teacher:
+        args += ["--teacher", str(tmp / "teacher")]
+    return cli(*args, *extra)
+
+
+@pytest.fixture(scope="module")
+def layout_runs(models):
+    tmp = models["tmp"]
+    runs = {}
+    reference = _ok(_distill(models, tmp / "run_tp1", *STEPS_3, "--eval-data",
+                             str(tmp / "eval.txt"), "--eval-tokens", "512"))  # fmt: skip
+    runs["tp1"] = _metrics(tmp / "run_tp1")
+    runs["tp1_final"] = last_json(reference.stdout)
+    for name, layout in LAYOUTS.items():
+        _ok(_distill(models, tmp / f"run_{name}", *STEPS_3, *layout))
+        runs[name] = _metrics(tmp / f"run_{name}")
+    return runs
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_same_losses_and_grad_norms_at_every_layout(layout_runs, layout):
+    reference, got = layout_runs["tp1"], layout_runs[layout]
+    assert [r["step"] for r in got] == [1, 2, 3]
+    for ref, rec in zip(reference, got, strict=True):
+        for key in ("loss", "kl", "ce", "grad_norm", "lr"):
+            assert abs(rec[key] - ref[key]) <= 1e-5 * abs(ref[key]), (layout, key, rec, ref)
+
+
+def test_distillation_lowers_the_loss(layout_runs):
+    losses = [r["loss"] for r in layout_runs["tp1"]]
+    assert losses[-1] < losses[0]
+
+
+def test_distilled_student_is_a_checkpoint_eval_accepts(models, layout_runs):
+    tmp = models["tmp"]
+    result = _ok(cli("eval", "ppl", str(tmp / "run_tp1" / "student"), "--data",
+                     str(tmp / "eval.txt"), "--seq-len", "32", "--max-tokens", "512"))  # fmt: skip
+    ppl = last_json(result.stdout)["ppl"]
+    assert abs(ppl - layout_runs["tp1_final"]["eval_ppl"]) <= 1e-6 * ppl
+
+
+def test_kill_and_resume_gives_the_uninterrupted_curve(models, tmp_path):
+    """SIGKILL the whole job once step 3's checkpoint exists, resume, compare every step."""
+    args = ["--train-tokens", str(16 * 128), "--seq-len", "32", "--global-batch", "4",
+            "--lr", "1e-3", "--warmup-steps", "3", "--save-interval", "1",
+            "--nproc-per-node", "2", "--distributed-optimizer"]  # fmt: skip
+    _ok(_distill(models, tmp_path / "straight", *args))
+    tmp = models["tmp"]
+    cmd = [sys.executable, "-m", "megatron_prune.cli", "distill", "--teacher", str(tmp / "teacher"),
+           "--student", str(tmp / "student"), "--data", str(tmp / "data" / "train"),
+           "--out", str(tmp_path / "killed"), *args]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    marker = tmp_path / "killed" / "checkpoints" / "step_0000003" / "trainer.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = len(_metrics(tmp_path / "killed"))
+    assert 3 <= killed_at < 16, "the job must die mid-run"
+    assert not (tmp_path / "killed" / "student").exists()
+    resumed = _ok(_distill(models, tmp_path / "killed", *args, "--resume"))
+    assert "resumed from" in resumed.stderr
+    straight, after = _metrics(tmp_path / "straight"), _metrics(tmp_path / "killed")
+    assert [r["step"] for r in after] == list(range(1, 17))
+    for a, b in zip(straight, after, strict=True):
+        for key in ("loss", "grad_norm", "lr"):
+            assert abs(a[key] - b[key]) <= 1e-6 * abs(a[key]), (key, a, b)
+
+
+def test_lm_only_training_logs_to_tensorboard_and_wandb(models, tmp_path):
+    out = tmp_path / "lm"
+    result = _ok(_distill(models, out, "--train-tokens", "256", "--seq-len", "32",
+                          "--global-batch", "4", "--lm-weight", "1", "--tensorboard",
+                          "--wandb-project", "tests", teacher=False))  # fmt: skip
+    final = last_json(result.stdout)
+    assert "ce" in final and "kl" not in final and final["steps"] == 2
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((out / "wandb").glob("offline-run-*"))
+
+
+def test_data_build_round_trips_token_ids(models):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_prune.data.indexed import read_documents
+    from megatron_prune.data.tokenizer import load_tokenizer
+
+    tmp = models["tmp"]
+    tokenizer = load_tokenizer(tmp / "teacher")
+    docs = list(read_documents(tmp / "train.txt"))
+    dataset = IndexedDataset(str(tmp / "data" / "train"))
+    assert models["build"]["documents"] == len(docs) == len(dataset)
+    for i in (0, len(docs) // 2, len(docs) - 1):
+        assert dataset[i].tolist() == tokenizer.encode(docs[i]) + [tokenizer.eos_id]
+
+
+def test_bad_distill_inputs(models, tmp_path):
+    import shutil
+
+    tmp = models["tmp"]
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(tmp / "student", other)
+    tok = other / "tokenizer" / "tokenizer.json"
+    tok.write_text(tok.read_text().replace('"the"', '"thee"', 1))
+    base = ["--train-tokens", "128", "--seq-len", "32"]
+    cases = [
+        (["distill", "--teacher", str(tmp / "teacher"), "--student", str(other), "--data",
+          str(tmp / "data" / "train"), "--out", str(tmp_path / "a"), *base],
+         "do not share a tokenizer"),
+        (["distill", "--teacher", str(tmp / "teacher"), "--student", str(tmp / "student"),
+          "--data", str(tmp / "data" / "nothere"), "--out", str(tmp_path / "b"), *base],
+         "not found: build it with"),
+        (["distill", "--teacher", str(tmp / "teacher"), "--student", str(tmp / "student"),
+          "--data", str(tmp / "data" / "train"), "--out", str(tmp_path / "c"), *base,
+          "--global-batch", "3", "--nproc-per-node", "2"], "must be a multiple of"),
+        (["distill", "--student", str(tmp / "student"), "--data", str(tmp / "data" / "train"),
+          "--out", str(tmp_path / "d"), *base], "--lm-weight 1"),
+        (["distill", "--teacher", str(tmp / "teacher"), "--student", str(tmp / "student"),
+          "--data", str(tmp / "data" / "train"), "--out", str(tmp), *base], "already exists"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = cli(*args)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
