@@ -184,3 +184,21 @@ def test_bad_distill_inputs(models, tmp_path):
     for args, message in cases:
         result = cli(*args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+
+
+def test_megatron_lm_trio_matches_the_distill_command(models, layout_runs):
+    """The provider / forward_step / loss trio, driven as Megatron-LM's pretrain() drives it
+    (DDP around each pair, interleaved pipeline), computes the command's first step."""
+    from tests.helpers import torchrun
+
+    tmp = models["tmp"]
+    spec = {"teacher": str(tmp / "teacher"), "student": str(tmp / "student"),
+            "data": str(tmp / "data" / "train"), "layout": {"pp": 2, "vpp": 2},
+            "loss": {"temperature": 2.0, "lm_weight": 0.25},
+            "out": str(tmp / "trio.json")}  # fmt: skip
+    (tmp / "trio_spec.json").write_text(json.dumps(spec))
+    torchrun("megatron_lm_trio.py", 2, str(tmp / "trio_spec.json"))
+    report, first = json.loads((tmp / "trio.json").read_text()), layout_runs["tp1"][0]
+    assert not report["teacher_trainable"] and not report["checkpoint_holds_teacher"]
+    for key in ("loss", "grad_norm"):
+        assert abs(report[key] - first[key]) <= 1e-5 * first[key], (key, report, first)

@@ -38,20 +38,15 @@ def main() -> None:
     from megatron_prune.checkpoint.sources import open_source
     from megatron_prune.commands.convert import to_megatron
     from megatron_prune.data.corpus import cache_dir, write_splits
-    from megatron_prune.data.models import smollm2_135m_gguf
+    from megatron_prune.data.models import smollm2_135m_arch, smollm2_135m_gguf
     from megatron_prune.data.tokenizer import load_tokenizer
     from megatron_prune.distributed import ParallelLayout, initialize
     from megatron_prune.evaluate.forward import forward_reduce
     from megatron_prune.importance.calibration import packed_samples
     from megatron_prune.importance.hooks import ImportanceHooks, RankView
-    from megatron_prune.models.arch import ModelArch
     from megatron_prune.models.gpt import build_model
 
-    SMOLLM2 = ModelArch(
-        family="llama", num_layers=30, hidden_size=576, ffn_hidden_size=1536,
-        num_attention_heads=9, num_query_groups=3, head_dim=64, vocab_size=49152,
-        rope_theta=100000.0, tie_embeddings=True,
-    )  # fmt: skip
+    SMOLLM2 = smollm2_135m_arch()
 
     class RandomModel:
         def __init__(self, chunks):

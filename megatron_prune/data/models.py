@@ -30,3 +30,15 @@ def gemma3_270m_gguf() -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         assemble(target)
     return target
+
+
+def smollm2_135m_arch():
+    """SmolLM2-135M's architecture, for benchmarks with random weights on machines that lack the
+    model package (e.g. a lent GPU node): speed does not depend on the weights."""
+    from megatron_prune.models.arch import ModelArch
+
+    return ModelArch(
+        family="llama", num_layers=30, hidden_size=576, ffn_hidden_size=1536,
+        num_attention_heads=9, num_query_groups=3, head_dim=64, vocab_size=49152,
+        rope_theta=100000.0, tie_embeddings=True,
+    )  # fmt: skip

@@ -50,6 +50,26 @@ class DistillationChunk(torch.nn.Module):
         self.model_type = get_attr_wrapped_model(student, "model_type")
         self._transport_dtype = student_config.pipeline_dtype or torch.float32
 
+    # What Megatron(-LM) asks of a model chunk besides forward: the pipeline position and the
+    # tied-embedding hooks come from the student; checkpoints hold the student alone.
+    @property
+    def pre_process(self) -> bool:
+        return _unwrap(self.student).pre_process
+
+    @property
+    def post_process(self) -> bool:
+        return _unwrap(self.student).post_process
+
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return _unwrap(self.student).share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        return _unwrap(self.student).shared_embedding_or_output_weight()
+
+    def sharded_state_dict(self, *args, **kwargs) -> dict:
+        return _unwrap(self.student).sharded_state_dict(*args, **kwargs)
+
     def set_input_tensor(self, input_tensor) -> None:
         """Receive the previous stage's [.., h_t + h_s] tensor and hand each model its part."""
         if isinstance(input_tensor, list):

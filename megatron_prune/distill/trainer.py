@@ -13,6 +13,7 @@ import functools
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -151,6 +152,28 @@ def _optimizer(ddp: list, options: TrainOptions, steps: int):
     return optimizer, scheduler
 
 
+def prepare_training(
+    student_chunks: list[torch.nn.Module],
+    teacher_chunks: list[torch.nn.Module] | None,
+    options: TrainOptions,
+) -> tuple[list, list[torch.nn.Module], object, OptimizerParamScheduler]:
+    """Wrap built models for training: (student DDP chunks, what the schedule runs, optimizer,
+    LR scheduler). Without a teacher the schedule runs the student alone (LM loss)."""
+    for chunk in student_chunks:
+        chunk.train()
+    student_chunks[0].config.calculate_per_token_loss = True  # one config object per model
+    ddp = _wrap_ddp(student_chunks, options)
+    if teacher_chunks is None:
+        schedule_models: list[torch.nn.Module] = list(ddp)
+        schedule_config = student_chunks[0].config
+    else:
+        schedule_models = list(pair_chunks(ddp, teacher_chunks))
+        schedule_config = schedule_models[0].config
+    _install_schedule_hooks(schedule_config, ddp, options)
+    optimizer, scheduler = _optimizer(ddp, options, options.steps)
+    return ddp, schedule_models, optimizer, scheduler
+
+
 def setup_run(
     teacher_ckpt: Path | None,
     student_ckpt: Path,
@@ -162,9 +185,6 @@ def setup_run(
 ) -> Run:
     """Collective: load both models at ``layout``, wrap the student, build optimizer and data."""
     student = load_model(student_ckpt, sequence_parallel=layout.sequence_parallel, device=device)
-    for chunk in student.chunks:
-        chunk.train()
-    student.chunks[0].config.calculate_per_token_loss = True  # one config object per model
     teacher = None
     if teacher_ckpt is not None:
         teacher = load_model(
@@ -173,16 +193,9 @@ def setup_run(
             device=device,
             params_dtype=torch.bfloat16 if options.teacher_bf16 else torch.float32,
         )
-    ddp = _wrap_ddp(student.chunks, options)
-    if teacher is None:
-        schedule_models: list[torch.nn.Module] = list(ddp)
-        schedule_config = student.chunks[0].config
-    else:
-        schedule_models = list(pair_chunks(ddp, teacher.chunks))
-        schedule_config = schedule_models[0].config
-    _install_schedule_hooks(schedule_config, ddp, options)
-    optimizer, scheduler = _optimizer(ddp, options, options.steps)
-    dp = parallel_state.get_data_parallel_world_size()
+    ddp, schedule_models, optimizer, scheduler = prepare_training(
+        student.chunks, None if teacher is None else teacher.chunks, options
+    )
     arch = student.arch
     dataset = build_train_dataset(
         data_blend,
@@ -194,7 +207,8 @@ def setup_run(
     )
     batches = GlobalBatches(
         dataset, global_batch=options.global_batch, micro_batch=options.micro_batch,
-        dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
     )  # fmt: skip
     return Run(student, teacher, ddp, schedule_models, optimizer, scheduler, batches)
 
@@ -223,36 +237,42 @@ def _reduce_metrics(outputs: list[dict], device: torch.device) -> dict[str, floa
     }
 
 
-def train_step(run: Run, step: int, loss_config: DistillLossConfig, options: TrainOptions):
-    """One optimizer step on global batch ``step``; returns (metrics, grad norm)."""
-    device = next(run.student.chunks[0].parameters()).device
-    micro_batches = run.batches.step(step, device)
-    vocab_size = run.student.arch.vocab_size
-    loss = functools.partial(distillation_loss, loss_config, vocab_size)
+def train_step(
+    ddp: list,
+    schedule_models: list[torch.nn.Module],
+    optimizer,
+    scheduler: OptimizerParamScheduler,
+    micro_batches: list[dict[str, torch.Tensor]],
+    loss: Callable,
+    seq_len: int,
+) -> tuple[dict[str, float], float]:
+    """One optimizer step over this DP rank's ``micro_batches``; ``loss`` is
+    ``distillation_loss`` with its config and vocabulary bound. Returns (metrics, grad norm)."""
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], None)
         return output, functools.partial(loss, batch["labels"], batch["loss_mask"])
 
-    for chunk in run.ddp:
+    for chunk in ddp:
         chunk.zero_grad_buffer()
-    run.optimizer.zero_grad()
-    n_chunks = len(run.schedule_models)
+    optimizer.zero_grad()
+    n_chunks = len(schedule_models)
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=[iter(micro_batches) for _ in range(n_chunks)]
         if n_chunks > 1
         else iter(micro_batches),
-        model=run.schedule_models if n_chunks > 1 else run.schedule_models[0],
+        model=schedule_models if n_chunks > 1 else schedule_models[0],
         num_microbatches=len(micro_batches),
-        seq_length=options.seq_len,
-        micro_batch_size=options.micro_batch,
+        seq_length=seq_len,
+        micro_batch_size=micro_batches[0]["tokens"].shape[0],
         forward_only=False,
     )
     with cuda_type_names():
-        _, grad_norm, _ = run.optimizer.step()
-    run.scheduler.step(increment=1)
+        _, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    device = micro_batches[0]["tokens"].device
     return _reduce_metrics(outputs, device), float(grad_norm)
 
 
@@ -295,12 +315,18 @@ def train(
         tokenizer=run.student.meta.tokenizer,
         provenance=provenance(str(run.student.path), distillation=run_config),
     )
+    device = next(run.student.chunks[0].parameters()).device
+    loss = functools.partial(distillation_loss, loss_config, run.student.arch.vocab_size)
     bar = TokenCounter(options.steps * options.tokens_per_step, desc="distill")
     bar.update(state.step * options.tokens_per_step)
     try:
         while state.step < options.steps:
             started = time.perf_counter()
-            metrics, grad_norm = train_step(run, state.step, loss_config, options)
+            micro_batches = run.batches.step(state.step, device)
+            metrics, grad_norm = train_step(
+                run.ddp, run.schedule_models, run.optimizer, run.scheduler, micro_batches, loss,
+                options.seq_len,
+            )  # fmt: skip
             state.step += 1
             record = {"step": state.step, **metrics, "grad_norm": grad_norm,
                       "lr": run.scheduler.get_lr(run.optimizer.param_groups[0]),

@@ -59,6 +59,26 @@ def main() -> None:
             "grad_diff": float((local_s.grad - ref_grad).abs().max()),
             "grad_scale": float(ref_grad.abs().max()),
         }
+    # LM cross-entropy (the optional mix): against torch's on the whole, unpadded logits
+    from megatron_prune.distill.kl import vocab_parallel_cross_entropy
+
+    labels = torch.randint(0, vocab, (3, 5), generator=g)
+    pad = torch.zeros(3, 5, padded - vocab)
+    local_s = torch.cat([full_s, pad], -1)[..., rank * shard : (rank + 1) * shard].clone()
+    local_s.requires_grad_(True)
+    ce = vocab_parallel_cross_entropy(local_s, labels, group=group, vocab_start=rank * shard,
+                                      vocab_size=vocab, chunk_tokens=4)  # fmt: skip
+    ce.sum().backward()
+    ref_s = full_s.clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(ref_s.reshape(-1, vocab), labels.reshape(-1),
+                                            reduction="none").reshape(3, 5)  # fmt: skip
+    ref.sum().backward()
+    ref_grad = torch.cat([ref_s.grad, pad], -1)[..., rank * shard : (rank + 1) * shard]
+    report["ce"] = {
+        "value_diff": float((ce - ref).abs().max()),
+        "grad_diff": float((local_s.grad - ref_grad).abs().max()),
+        "grad_scale": float(ref_grad.abs().max()),
+    }
     same = torch.randn(4, shard, generator=g).requires_grad_(True)
     kl = vocab_parallel_kl(
         same, same.detach(), group=group, vocab_start=rank * shard, vocab_size=vocab

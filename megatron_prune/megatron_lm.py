@@ -1,0 +1,143 @@
+"""Online distillation inside an existing Megatron-LM pretraining script: a model provider, a
+``forward_step`` and a loss function that plug into ``megatron.training.pretrain``.
+
+In ``pretrain_gpt.py`` (see docs/megatron_lm.md)::
+
+    from megatron_prune import megatron_lm as kd
+
+    pretrain(train_valid_test_datasets_provider,
+             kd.distillation_model_provider(model_provider),   # your student provider
+             ModelType.encoder_or_decoder,
+             kd.forward_step,
+             extra_args_provider=kd.add_distillation_args)
+
+and launch with ``--kd-teacher CKPT`` (a megatron-prune checkpoint of the teacher) next to the
+usual flags; the student loads from ``--load`` / ``--pretrained-checkpoint`` as before. Each
+pipeline chunk Megatron-LM builds becomes a :class:`~megatron_prune.distill.pair.
+DistillationChunk` (student + frozen teacher of the same stage), so DDP, the distributed
+optimizer and the 1F1B / interleaved schedules run unchanged and only the student trains and is
+checkpointed. Outside Megatron-LM, call :func:`configure` instead of passing the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_prune.distill.loss import DistillLossConfig, distillation_loss
+from megatron_prune.distill.pair import DistillationChunk
+
+
+@dataclass(frozen=True)
+class KDSettings:
+    teacher: Path
+    loss: DistillLossConfig
+    teacher_bf16: bool = False
+    sequence_parallel: bool = False  # must match the student's
+
+    @functools.cached_property
+    def vocab_size(self) -> int:
+        """The real (unpadded) vocabulary: padding ids get no probability in the loss."""
+        from megatron_prune.checkpoint.metadata import CheckpointMeta
+
+        return CheckpointMeta.read(self.teacher).arch.vocab_size
+
+
+_settings: KDSettings | None = None
+_teachers: dict[int | None, torch.nn.Module] = {}
+
+
+def add_distillation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron-LM ``extra_args_provider``: the --kd-* flags."""
+    group = parser.add_argument_group("megatron-prune distillation")
+    group.add_argument("--kd-teacher", required=True, help="megatron-prune teacher checkpoint")
+    group.add_argument("--kd-temperature", type=float, default=1.0)
+    group.add_argument("--kd-reverse", action="store_true", help="KL(student || teacher)")
+    group.add_argument("--kd-top-k", type=int, default=None)
+    group.add_argument("--kd-lm-weight", type=float, default=0.0, help="share of LM loss")
+    group.add_argument("--kd-teacher-bf16", action="store_true")
+    return parser
+
+
+def configure(settings: KDSettings) -> None:
+    """Set the distillation settings directly (scripts that do not use Megatron-LM's args)."""
+    global _settings
+    _settings = settings
+    _teachers.clear()
+
+
+def settings() -> KDSettings:
+    """The active settings: :func:`configure`'s, else Megatron-LM's parsed --kd-* flags."""
+    global _settings
+    if _settings is None:
+        from megatron.training import get_args  # Megatron-LM, not megatron-core
+
+        args = get_args()
+        loss = DistillLossConfig(temperature=args.kd_temperature, reverse=args.kd_reverse,
+                                 top_k=args.kd_top_k, lm_weight=args.kd_lm_weight)  # fmt: skip
+        _settings = KDSettings(Path(args.kd_teacher), loss, args.kd_teacher_bf16,
+                               args.sequence_parallel)  # fmt: skip
+    return _settings
+
+
+def _teacher_chunk(vp_stage: int | None) -> torch.nn.Module:
+    """This rank's teacher chunk for ``vp_stage``. All chunks are built and loaded together on
+    the first call (dist checkpoints of interleaved models load in one call), before any student
+    chunk: building a tied-embedding chunk is collective, so every rank must build in the same
+    order."""
+    if vp_stage not in _teachers:
+        from megatron_prune.checkpoint.megatron_io import load_model
+
+        cfg = settings()
+        dtype = torch.bfloat16 if cfg.teacher_bf16 else torch.float32
+        device = torch.device("cpu")
+        if torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        loaded = load_model(cfg.teacher, sequence_parallel=cfg.sequence_parallel,
+                            params_dtype=dtype, device=device)  # fmt: skip
+        stages = [None] if len(loaded.chunks) == 1 else range(len(loaded.chunks))
+        _teachers.update(zip(stages, loaded.chunks, strict=True))
+    return _teachers[vp_stage]
+
+
+def distillation_model_provider(student_provider: Callable[..., torch.nn.Module]):
+    """Wrap a Megatron-LM model provider: each student chunk it builds is paired with the
+    teacher's chunk of the same (virtual) pipeline stage."""
+
+    def provider(pre_process: bool = True, post_process: bool = True, vp_stage=None, **kwargs):
+        teacher = _teacher_chunk(vp_stage)
+        student = student_provider(pre_process=pre_process, post_process=post_process,
+                                   vp_stage=vp_stage, **kwargs)  # fmt: skip
+        if student.config.sequence_parallel != settings().sequence_parallel:
+            raise ValueError("teacher and student must agree on sequence parallelism")
+        student.config.calculate_per_token_loss = True
+        return DistillationChunk(student, teacher)
+
+    return provider
+
+
+def loss_func(labels: torch.Tensor, loss_mask: torch.Tensor, output):
+    """Megatron loss function on the last stage: (summed loss, tokens, {name: [sum, tokens]})."""
+    cfg = settings()
+    return distillation_loss(cfg.loss, cfg.vocab_size, labels, loss_mask, output)
+
+
+def _next_batch(data_iterator) -> dict[str, torch.Tensor]:
+    """Megatron-LM's batch on this TP rank (it broadcasts from TP rank 0), else the iterator's."""
+    try:
+        from megatron.training.utils import get_batch_on_this_tp_rank
+    except ImportError:
+        return next(data_iterator)
+    return get_batch_on_this_tp_rank(data_iterator)
+
+
+def forward_step(data_iterator, model: DistillationChunk):
+    """Megatron ``forward_step``: run teacher and student on one micro-batch."""
+    batch = _next_batch(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+    return output, functools.partial(loss_func, batch["labels"], batch["loss_mask"])
