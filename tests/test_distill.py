@@ -202,3 +202,27 @@ def test_megatron_lm_trio_matches_the_distill_command(models, layout_runs):
     assert not report["teacher_trainable"] and not report["checkpoint_holds_teacher"]
     for key in ("loss", "grad_norm"):
         assert abs(report[key] - first[key]) <= 1e-5 * first[key], (key, report, first)
+
+
+def test_heterogeneous_student_distils_the_same_at_tp1_and_tp2(scored, tmp_path):
+    """A student pruned to per-layer widths (megatron-core per-layer configs) trains like any
+    other: the same two steps at TP=1 and TP=2."""
+    target = tmp_path / "per_layer.yaml"
+    target.write_text("hidden_size: 48\nffn_hidden_size: [96, 64, 128, 32]\n"
+                      "num_attention_heads: [4, 2, 4, 2]\nnum_query_groups: 2\n")  # fmt: skip
+    _ok(cli("prune", str(scored / "ckpt"), "--scores", str(scored / "ref"), "--target",
+            str(target), "--out", str(tmp_path / "student")))  # fmt: skip
+    _ok(cli("data", "build", "--tokenizer", str(scored / "ckpt"), "--input",
+            str(scored / "calib.txt"), "--output", str(tmp_path / "data")))  # fmt: skip
+    runs = {}
+    for name, layout in (("tp1", []), ("tp2", ["--tp", "2"])):
+        _ok(cli("distill", "--teacher", str(scored / "ckpt"), "--student",
+                str(tmp_path / "student"), "--data", str(tmp_path / "data"),
+                "--out", str(tmp_path / name),
+                "--train-tokens", "256", "--seq-len", "32", "--global-batch", "4",
+                "--lr", "1e-3", *layout))  # fmt: skip
+        runs[name] = _metrics(tmp_path / name)
+    assert len(runs["tp1"]) == 2
+    for ref, rec in zip(runs["tp1"], runs["tp2"], strict=True):
+        for key in ("loss", "grad_norm"):
+            assert abs(rec[key] - ref[key]) <= 1e-5 * abs(ref[key]), (key, rec, ref)

@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--teacher-bf16", action="store_true")
-    parser.add_argument("--chunk-tokens", type=int, default=4096)
+    parser.add_argument("--chunk-tokens", type=int, default=1024)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()

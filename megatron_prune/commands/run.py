@@ -33,6 +33,8 @@ POSITIONAL = {
     "generate": ("checkpoint",),
     "score": ("checkpoint",),
     "prune": ("checkpoint",),
+    "data": ("action",),
+    "distill": (),
 }
 
 

@@ -171,7 +171,7 @@ def vocab_parallel_kl(
     reverse: bool = False,
     scale_by_t2: bool = True,
     top_k: int | None = None,
-    chunk_tokens: int = 4096,
+    chunk_tokens: int = 1024,
 ) -> torch.Tensor:
     """Per-token KL, [..] = the logits' leading dims; logits are [..., V/t] shards.
 
@@ -208,7 +208,7 @@ def vocab_parallel_cross_entropy(
     group=None,
     vocab_start: int = 0,
     vocab_size: int | None = None,
-    chunk_tokens: int = 4096,
+    chunk_tokens: int = 1024,
 ) -> torch.Tensor:
     """Per-token LM cross-entropy -log softmax(logits)[label] over TP-split logits [..., V/t],
     chunked like :func:`vocab_parallel_kl`; padding ids (>= vocab_size) get no probability,

@@ -25,7 +25,7 @@ class DistillLossConfig:
     scale_by_t2: bool = True  # keeps gradient magnitudes comparable across temperatures
     top_k: int | None = None  # teacher restricted to its k most likely tokens
     lm_weight: float = 0.0  # share of the LM cross-entropy in the loss; 1.0 = no distillation
-    chunk_tokens: int = 4096  # tokens per fp32 chunk of the loss (bounds its extra memory)
+    chunk_tokens: int = 1024  # tokens per fp32 chunk of the loss (bounds its extra memory)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lm_weight <= 1.0:
