@@ -31,7 +31,8 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "apex"],
         "deepspeed": ["deepspeed"],
         "wandb": ["wandb"],
-        "dev": ["pytest", "ruff", "rdata", "matplotlib"],
+        "tensorboard": ["tensorboard"],
+        "dev": ["pytest", "ruff", "rdata", "matplotlib", "tensorboard", "wandb"],
     },
     entry_points={"console_scripts": ["megatron-prune=megatron_prune.cli:main"]},
 )

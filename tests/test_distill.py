@@ -157,6 +157,33 @@ def test_data_build_round_trips_token_ids(models):
         assert dataset[i].tolist() == tokenizer.encode(docs[i]) + [tokenizer.eos_id]
 
 
+def test_weighted_blend_draws_from_both_datasets(models, tmp_path):
+    """``--data 0.75 A 0.25 B`` (a Megatron-LM blend) through megatron-core's GPTDataset."""
+    import numpy
+    import torch
+
+    from megatron_prune.data.training import TokenizerView, build_train_dataset, parse_blend
+
+    tmp = models["tmp"]
+    _ok(cli("data", "build", "--tokenizer", str(tmp / "teacher"), "--input",
+            str(tmp / "eval.txt"), "--output", str(tmp_path / "other")))  # fmt: skip
+    a, b = str(tmp / "data" / "train"), str(tmp_path / "other")
+    blend = parse_blend(["0.75", a, "0.25", b])
+    assert blend == ([a, b], [0.75, 0.25])
+    # the dataset builder is collective: a one-process group stands in for torchrun
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        dataset = build_train_dataset(blend, samples=400, seq_len=16,
+                                      tokenizer=TokenizerView(vocab_size=250, eod=2), seed=5,
+                                      cache_dir=tmp_path / "cache")  # fmt: skip
+        share_a = float(numpy.mean(numpy.asarray(dataset.dataset_index[:400]) == 0))
+        assert 0.7 <= share_a <= 0.8, share_a
+        assert dataset[0]["tokens"].shape == (16,)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_bad_distill_inputs(models, tmp_path):
     import shutil
 
