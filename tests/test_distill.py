@@ -207,6 +207,12 @@ def test_bad_distill_inputs(models, tmp_path):
           "--out", str(tmp_path / "d"), *base], "--lm-weight 1"),
         (["distill", "--teacher", str(tmp / "teacher"), "--student", str(tmp / "student"),
           "--data", str(tmp / "data" / "train"), "--out", str(tmp), *base], "already exists"),
+        (["distill", "--teacher", str(tmp / "teacher"), "--student", str(tmp / "student"),
+          "--data", str(tmp / "data" / "train"), "--out", str(tmp / "data"), "--overwrite",
+          *base], "not a distill run folder"),
+        (["distill", "--teacher", str(tmp / "teacher"), "--student", str(tmp / "student"),
+          "--data", str(tmp / "data" / "train"), "--out", str(tmp / "student"), "--overwrite",
+          *base], "would hold or replace --student"),
     ]  # fmt: skip
     for args, message in cases:
         result = cli(*args)

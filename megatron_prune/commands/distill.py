@@ -131,9 +131,19 @@ def validate(args: argparse.Namespace) -> None:
     parse_blend(args.data)
     if args.eval_data and not Path(args.eval_data).is_file():
         raise FileNotFoundError(f"--eval-data {args.eval_data} does not exist")
-    out = Path(args.out)
+    out = Path(args.out).resolve()
+    for name, path in (("--student", args.student), ("--teacher", args.teacher)):
+        if path is not None and Path(path).resolve() in (out, *out.parents):
+            raise ValueError(f"--out {args.out} would hold or replace {name} {path}: choose "
+                             "another run folder")  # fmt: skip
     if out.exists() and not (args.resume or args.overwrite):
         raise OutputExistsError(out)
+    looks_like_run = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
+    if args.overwrite and out.is_dir() and any(out.iterdir()) and not looks_like_run:
+        raise ValueError(
+            f"--overwrite would delete {args.out}, which is not a distill run folder "
+            "(no metrics.jsonl or checkpoints/): choose another --out"
+        )
     del options
 
 
