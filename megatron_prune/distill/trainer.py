@@ -96,6 +96,7 @@ class Run:
     optimizer: object
     scheduler: OptimizerParamScheduler
     batches: GlobalBatches
+    layout: ParallelLayout
 
 
 def _wrap_ddp(chunks: list[torch.nn.Module], options: TrainOptions) -> list:
@@ -210,7 +211,7 @@ def setup_run(
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
     )  # fmt: skip
-    return Run(student, teacher, ddp, schedule_models, optimizer, scheduler, batches)
+    return Run(student, teacher, ddp, schedule_models, optimizer, scheduler, batches, layout)
 
 
 def _eod(model: LoadedModel) -> int:
@@ -311,7 +312,7 @@ def train(
                        history=state.history)  # fmt: skip
     meta = CheckpointMeta(
         arch=run.student.arch,
-        layout=run.student.meta.layout,
+        layout=run.layout.to_dict(),
         tokenizer=run.student.meta.tokenizer,
         provenance=provenance(str(run.student.path), distillation=run_config),
     )
