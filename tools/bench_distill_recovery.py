@@ -109,7 +109,7 @@ def main() -> None:
     t_arch = CheckpointMeta.read(teacher).arch.to_dict()
     s_arch = CheckpointMeta.read(student).arch.to_dict()
     result = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": {**vars(args), "out": "OUT"},  # no machine paths in published results
         "block_fraction_removed": 1 - block_params(s_arch) / block_params(t_arch),
         "teacher_ppl": ppl(teacher),
         "pruned_ppl": ppl(student),

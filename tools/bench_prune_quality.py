@@ -72,7 +72,7 @@ def main() -> None:
     initialize(layout, "cpu")
     calibration, evaluation = write_splits(cache_dir() / "text")
     paths = {"smollm2": smollm2_135m_gguf, "gemma3": gemma3_270m_gguf}
-    results: dict = {"settings": vars(args) | {"out": str(args.out)}, "runs": []}
+    results: dict = {"settings": vars(args) | {"out": "OUT"}, "runs": []}
 
     for name in args.models:
         ckpt = cache_dir() / "models" / f"{name}_mcore"
