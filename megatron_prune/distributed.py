@@ -79,6 +79,13 @@ def world_from_env() -> tuple[int, int, int]:
     return rank, local_rank, world
 
 
+def model_device(accel: Accelerator) -> torch.device | None:
+    """Where this rank's models go: its local accelerator, or None on the CPU (models are built
+    there, which is what ``load_model(device=None)`` means)."""
+    device = accel.device(world_from_env()[1])
+    return None if device.type == "cpu" else device
+
+
 def init_torch_distributed(accel: Accelerator) -> None:
     """Start the default process group from the torchrun environment (or a world of one)."""
     if torch.distributed.is_initialized():

@@ -91,15 +91,14 @@ def _teacher_chunk(vp_stage: int | None) -> torch.nn.Module:
     chunk: building a tied-embedding chunk is collective, so every rank must build in the same
     order."""
     if vp_stage not in _teachers:
+        from megatron_prune.accelerator import detect
         from megatron_prune.checkpoint.megatron_io import load_model
+        from megatron_prune.distributed import model_device
 
         cfg = settings()
         dtype = torch.bfloat16 if cfg.teacher_bf16 else torch.float32
-        device = torch.device("cpu")
-        if torch.cuda.is_available():
-            device = torch.device("cuda", torch.cuda.current_device())
         loaded = load_model(cfg.teacher, sequence_parallel=cfg.sequence_parallel,
-                            params_dtype=dtype, device=device)  # fmt: skip
+                            params_dtype=dtype, device=model_device(detect()))  # fmt: skip
         stages = [None] if len(loaded.chunks) == 1 else range(len(loaded.chunks))
         _teachers.update(zip(stages, loaded.chunks, strict=True))
     return _teachers[vp_stage]

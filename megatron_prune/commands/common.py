@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
 from megatron_prune.checkpoint.megatron_io import LoadedModel
-from megatron_prune.distributed import add_layout_args, initialize, layout_from_args
+from megatron_prune.distributed import (
+    add_layout_args,
+    initialize,
+    layout_from_args,
+    model_device,
+)
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -35,11 +39,9 @@ def open_checkpoint(args: argparse.Namespace) -> LoadedModel:
     validate_checkpoint(args)
     layout = layout_from_args(args)
     accel = initialize(layout, args.device)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = accel.device(local_rank)
     return load_model(
         args.checkpoint,
         sequence_parallel=layout.sequence_parallel,
-        device=None if device.type == "cpu" else device,
+        device=model_device(accel),
         params_dtype=torch.float32,
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -167,7 +166,7 @@ def run(args: argparse.Namespace) -> None:
     from megatron_prune.data.tokenizer import load_tokenizer
     from megatron_prune.data.training import parse_blend
     from megatron_prune.distill.trainer import options_dict, setup_run, train
-    from megatron_prune.distributed import initialize
+    from megatron_prune.distributed import initialize, model_device
     from megatron_prune.log import is_rank0, log
 
     validate(args)
@@ -179,7 +178,6 @@ def run(args: argparse.Namespace) -> None:
         shutil.rmtree(out)
     torch.distributed.barrier()
     out.mkdir(parents=True, exist_ok=True)
-    device = accel.device(int(os.environ.get("LOCAL_RANK", "0")))
     eval_ids = None
     if args.eval_data:
         eval_ids = load_tokenizer(args.student).encode(Path(args.eval_data).read_text("utf-8"))
@@ -190,7 +188,7 @@ def run(args: argparse.Namespace) -> None:
         f"DP={torch.distributed.get_world_size() // layout.model_parallel_size}")  # fmt: skip
     job = setup_run(
         Path(args.teacher) if args.teacher else None, Path(args.student),
-        parse_blend(args.data), out, layout, None if device.type == "cpu" else device, options,
+        parse_blend(args.data), out, layout, model_device(accel), options,
     )  # fmt: skip
     state = train(job, out, loss, options, eval_ids, args.resume, run_config)
     if is_rank0():
