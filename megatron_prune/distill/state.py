@@ -25,10 +25,11 @@ from megatron_prune.checkpoint.atomic import atomic_directory, is_writer, write_
 from megatron_prune.checkpoint.megatron_io import (
     apply_model_state,
     load_sharded,
+    save_chunks,
     sharded_model_state,
 )
 from megatron_prune.checkpoint.metadata import CheckpointMeta
-from megatron_prune.checkpoint.sources import TOKENIZER_DIR
+from megatron_prune.checkpoint.sources import TOKENIZER_DIR, open_source
 
 TRAINER_FILE = "trainer.json"
 _STEP_DIR = re.compile(r"step_(\d+)$")
@@ -83,15 +84,28 @@ def save_training_checkpoint(
     with atomic_directory(target, overwrite=True) as scratch:
         dist_checkpointing.save(_template(chunks, optimizer, is_loading=False), str(scratch))
         if is_writer():
-            meta.write(scratch)
-            if (tokenizer_from / TOKENIZER_DIR).is_dir():
-                shutil.copytree(tokenizer_from / TOKENIZER_DIR, scratch / TOKENIZER_DIR)
+            _write_description(scratch, meta, tokenizer_from)
             write_text_atomic(scratch / TRAINER_FILE, json.dumps(state.__dict__, indent=1))
     if is_writer() and keep > 0:
         older = sorted(p for p in target.parent.glob("step_*") if _STEP_DIR.match(p.name))
         for stale in older[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
     return target
+
+
+def save_student(target: Path, chunks: list[torch.nn.Module], meta: CheckpointMeta,
+                 tokenizer_from: Path) -> None:  # fmt: skip
+    """Collective: the student alone, as a plain checkpoint (no optimizer state)."""
+    with atomic_directory(target, overwrite=True) as scratch:
+        save_chunks(chunks, scratch)
+        if is_writer():
+            _write_description(scratch, meta, tokenizer_from)
+
+
+def _write_description(directory: Path, meta: CheckpointMeta, tokenizer_from: Path) -> None:
+    """What makes a dist checkpoint one of ours: metadata and the source's tokenizer."""
+    meta.write(directory)
+    open_source(str(tokenizer_from)).save_tokenizer(directory / TOKENIZER_DIR)
 
 
 def _inner_optimizers(optimizer) -> list:

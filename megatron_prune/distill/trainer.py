@@ -29,10 +29,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_prune.accelerator import cuda_type_names
-from megatron_prune.checkpoint.atomic import atomic_directory, is_writer
-from megatron_prune.checkpoint.megatron_io import LoadedModel, load_model, save_chunks
+from megatron_prune.checkpoint.megatron_io import LoadedModel, load_model
 from megatron_prune.checkpoint.metadata import CheckpointMeta, provenance
-from megatron_prune.checkpoint.sources import TOKENIZER_DIR
 from megatron_prune.data.training import GlobalBatches, TokenizerView, build_train_dataset
 from megatron_prune.distill.loss import DistillLossConfig, distillation_loss
 from megatron_prune.distill.metrics import MetricsSink
@@ -41,6 +39,7 @@ from megatron_prune.distill.state import (
     TrainerState,
     latest_checkpoint,
     load_training_checkpoint,
+    save_student,
     save_training_checkpoint,
 )
 from megatron_prune.distributed import ParallelLayout
@@ -129,7 +128,7 @@ def _install_schedule_hooks(config, ddp: list, options: TrainOptions) -> None:
     config.finalize_model_grads_func = functools.partial(_finalize, ddp)
 
 
-def _optimizer(ddp: list, options: TrainOptions, steps: int):
+def _optimizer(ddp: list, options: TrainOptions):
     config = OptimizerConfig(
         optimizer="adam",
         lr=options.lr,
@@ -143,6 +142,7 @@ def _optimizer(ddp: list, options: TrainOptions, steps: int):
     )
     with cuda_type_names():
         optimizer = get_megatron_optimizer(config, ddp)
+    steps = options.steps
     warmup = min(options.warmup_steps, steps - 1)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if warmup else options.lr, max_lr=options.lr,
@@ -171,7 +171,7 @@ def prepare_training(
         schedule_models = list(pair_chunks(ddp, teacher_chunks))
         schedule_config = schedule_models[0].config
     _install_schedule_hooks(schedule_config, ddp, options)
-    optimizer, scheduler = _optimizer(ddp, options, options.steps)
+    optimizer, scheduler = _optimizer(ddp, options)
     return ddp, schedule_models, optimizer, scheduler
 
 
@@ -348,25 +348,13 @@ def train(
     finally:
         bar.close()
         sink.close()
-    _save_student(out / "student", run.student, meta)
+    save_student(out / "student", run.student.chunks, meta, run.student.path)
+    log(f"wrote {out / 'student'}")
     return state
 
 
 def _every(interval: int, step: int) -> bool:
     return interval > 0 and step % interval == 0
-
-
-def _save_student(target: Path, student: LoadedModel, meta: CheckpointMeta) -> None:
-    """The distilled student as a plain checkpoint (no optimizer state)."""
-    import shutil
-
-    with atomic_directory(target, overwrite=True) as scratch:
-        save_chunks(student.chunks, scratch)
-        if is_writer():
-            meta.write(scratch)
-            if (student.path / TOKENIZER_DIR).is_dir():
-                shutil.copytree(student.path / TOKENIZER_DIR, scratch / TOKENIZER_DIR)
-    log(f"wrote {target}")
 
 
 def options_dict(options: TrainOptions, loss: DistillLossConfig) -> dict:
