@@ -106,7 +106,7 @@ def validate(args: argparse.Namespace) -> None:
     layout = layout_from_args(args)
     student = CheckpointMeta.read(args.student)
     student.arch.check_layout(layout.tp, layout.pp, layout.vpp)
-    loss, options = _options(args)
+    loss, _ = _options(args)  # building both configs validates their values
     if args.teacher is None:
         if loss.lm_weight != 1.0:
             raise ValueError("no --teacher: pass --lm-weight 1 to train on the LM loss alone")
@@ -143,7 +143,6 @@ def validate(args: argparse.Namespace) -> None:
             f"--overwrite would delete {args.out}, which is not a distill run folder "
             "(no metrics.jsonl or checkpoints/): choose another --out"
         )
-    del options
 
 
 def _check_same_vocabulary(teacher, student, teacher_path: str, student_path: str) -> None:
