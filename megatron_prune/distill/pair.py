@@ -17,13 +17,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from megatron.core.utils import get_attr_wrapped_model
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
+from megatron.core.utils import get_attr_wrapped_model, unwrap_model
 
 
 class DistillationChunk(torch.nn.Module):
@@ -46,7 +40,7 @@ class DistillationChunk(torch.nn.Module):
         # hooks (no_sync, finalize_model_grads) on it: a copy keeps the student's own untouched.
         self.config = copy.copy(student_config)
         self.config.hidden_size = teacher_config.hidden_size + student_config.hidden_size
-        self.vp_stage = getattr(_unwrap(student), "vp_stage", None)
+        self.vp_stage = getattr(unwrap_model(student), "vp_stage", None)
         self.model_type = get_attr_wrapped_model(student, "model_type")
         self._transport_dtype = student_config.pipeline_dtype or torch.float32
 
@@ -54,21 +48,21 @@ class DistillationChunk(torch.nn.Module):
     # tied-embedding hooks come from the student; checkpoints hold the student alone.
     @property
     def pre_process(self) -> bool:
-        return _unwrap(self.student).pre_process
+        return unwrap_model(self.student).pre_process
 
     @property
     def post_process(self) -> bool:
-        return _unwrap(self.student).post_process
+        return unwrap_model(self.student).post_process
 
     @property
     def share_embeddings_and_output_weights(self) -> bool:
-        return _unwrap(self.student).share_embeddings_and_output_weights
+        return unwrap_model(self.student).share_embeddings_and_output_weights
 
     def shared_embedding_or_output_weight(self) -> torch.Tensor:
-        return _unwrap(self.student).shared_embedding_or_output_weight()
+        return unwrap_model(self.student).shared_embedding_or_output_weight()
 
     def sharded_state_dict(self, *args, **kwargs) -> dict:
-        return _unwrap(self.student).sharded_state_dict(*args, **kwargs)
+        return unwrap_model(self.student).sharded_state_dict(*args, **kwargs)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Receive the previous stage's [.., h_t + h_s] tensor and hand each model its part."""
@@ -87,7 +81,7 @@ class DistillationChunk(torch.nn.Module):
         with torch.no_grad():
             teacher_out = self.teacher(input_ids, position_ids, attention_mask)
         student_out = self.student(input_ids, position_ids, attention_mask)
-        if _unwrap(self.student).post_process:
+        if unwrap_model(self.student).post_process:
             return student_out, teacher_out  # [b, s, Vp/t] logits shards, to the loss function
         teacher_out = teacher_out.to(self._transport_dtype)
         return torch.cat([teacher_out, student_out.to(self._transport_dtype)], dim=-1)
