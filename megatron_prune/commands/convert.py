@@ -35,8 +35,6 @@ def validate(args: argparse.Namespace) -> Source:
     layout = layout_from_args(args)
     if args.to == "hf" and layout.model_parallel_size != 1:
         raise ValueError("--to hf writes whole tensors: leave --tp/--pp at 1")
-    if args.to == "hf":
-        check_hf_exportable(source.arch, source.family)
     source.arch.check_layout(layout.tp, layout.pp, layout.vpp)
     return source
 
@@ -82,7 +80,6 @@ def to_hf(source: Source, dst: Path, overwrite: bool) -> None:
     from megatron_prune.models.weight_map import megatron_to_hf
 
     arch, family = source.arch, source.family
-    check_hf_exportable(arch, family)
     if source.kind == "megatron":
         state = megatron_whole_state(source.path)
     else:
@@ -98,19 +95,6 @@ def to_hf(source: Source, dst: Path, overwrite: bool) -> None:
             if tokenizer_dir.exists():
                 tokenizer_dir.rmdir()
     log(f"wrote {dst}")
-
-
-def check_hf_exportable(arch, family) -> None:
-    """Refuse, before any work, what transformers' config classes reject. (Absorbed post-norms
-    and per-layer widths are written with our own model class; see ``Family.write_hf_config``.)
-    """
-    if family.transformers_class and arch.hidden_size % arch.num_attention_heads:
-        raise ValueError(
-            f"cannot export to Hugging Face: transformers requires hidden_size "
-            f"({arch.hidden_size}) to be a multiple of num_attention_heads "
-            f"({arch.num_attention_heads}{', the widest layer' if arch.heterogeneous else ''}); "
-            "prune to such a hidden size"
-        )
 
 
 def megatron_whole_state(path: Path) -> dict[str, torch.Tensor]:
