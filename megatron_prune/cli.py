@@ -1,17 +1,28 @@
-"""``megatron-prune <command>``: the command line.
+"""``megatron-prune <command>``: the command line, a thin shell over :mod:`megatron_prune.api`.
 
-Every command accepts ``--nproc-per-node N`` and then re-launches itself under torchrun with N
-processes. A command whose layout needs more ranks than it was started with (``convert --tp 2``
-from a plain shell) re-launches itself the same way.
+Every command accepts ``--nproc-per-node N`` and then re-launches itself with N local ranks
+(torch's elastic launcher, what torchrun runs). A command whose layout needs more ranks than it
+was started with (``convert --tp 2`` from a plain shell) re-launches itself the same way.
+
+Errors: bad input raises :class:`~megatron_prune.errors.UserError`; it is printed as one line
+(once, however many ranks refused) and the exit code is 2. Anything else is a bug: it keeps its
+traceback, a line says how to report it, and the exit code is 1. ``MEGATRON_PRUNE_DEBUG=1``
+shows the traceback of a refusal too.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
-import subprocess
 import sys
+import tempfile
+import traceback
+import uuid
+from pathlib import Path
+
+from megatron_prune.errors import UserError
 
 COMMANDS = {
     "convert": "Convert GGUF / Hugging Face / Megatron checkpoints, at any TP x PP",
@@ -24,6 +35,16 @@ COMMANDS = {
     "run": "Run a YAML recipe (a list of the commands above)",
 }
 
+EXIT_USER_ERROR = 2
+EXIT_BUG = 1
+# Where ranks started by this launcher leave the text of a refusal for the launcher to print.
+ERROR_DIR_ENV = "MEGATRON_PRUNE_ERROR_DIR"
+DEBUG_ENV = "MEGATRON_PRUNE_DEBUG"
+BUG_REPORT = (
+    "this is a bug in megatron-prune, not a problem with your input: please report it with the "
+    "command line and the traceback above"
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-prune", description=__doc__.splitlines()[0])
@@ -35,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--nproc-per-node",
             type=int,
             default=None,
-            help="re-launch under torchrun with this many processes on this node",
+            help="re-launch with this many processes on this node",
         )
         module.add_arguments(cmd)
         cmd.set_defaults(module=module)
@@ -54,41 +75,81 @@ def _strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def relaunch(nproc: int, argv: list[str]) -> int:
-    """Run this command again under ``torch.distributed.run`` with ``nproc`` local processes."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "megatron_prune.cli",
-        *_strip_nproc(argv),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.call(cmd, env=env)
+def _in_launched_rank() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def relaunch(nproc: int, argv: list[str], command: str) -> int:
+    """Run this command again on ``nproc`` local ranks; print a refusal once for all of them."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
+    # The agent logs every failed rank at ERROR level; our ranks report for themselves.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="megatron-prune-errors-") as error_dir:
+        os.environ[ERROR_DIR_ENV] = error_dir
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        try:
+            elastic_launch(config, sys.executable)("-m", "megatron_prune.cli", *_strip_nproc(argv))
+        except ChildFailedError as err:
+            refusals = sorted({p.read_text() for p in Path(error_dir).glob("rank*.txt")})
+            if refusals:
+                for line in refusals:  # ranks that refused the same thing print one line
+                    print(f"megatron-prune {command}: error: {line}", file=sys.stderr)
+                return EXIT_USER_ERROR
+            codes = sorted({f.exitcode for f in err.failures.values()})
+            print(f"megatron-prune {command}: ranks failed (exit codes {codes}); {BUG_REPORT}",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_BUG
+        finally:
+            os.environ.pop(ERROR_DIR_ENV, None)
+    return 0
+
+
+def _refuse(command: str, err: UserError) -> int:
+    """One line for a refusal: from the launcher, or from rank 0 when run under torchrun."""
+    error_dir = os.environ.get(ERROR_DIR_ENV)
+    if error_dir and _in_launched_rank():
+        Path(error_dir, f"rank{_rank()}.txt").write_text(str(err))
+    elif _rank() == 0:
+        print(f"megatron-prune {command}: error: {err}", file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    in_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
     try:
-        if not in_torchrun:
+        if not _in_launched_rank():
             # Bad input is reported here, once, before any process is spawned.
             getattr(args.module, "validate", lambda a: None)(args)
             needed = getattr(args.module, "world_size_needed", lambda a: 1)(args)
             nproc = args.nproc_per_node or (needed if needed > 1 else None)
             if nproc:
-                return relaunch(nproc, argv)
+                return relaunch(nproc, argv, args.command)
         args.module.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as err:
-        # Bad input: one clear line, no traceback, non-zero exit.
-        if os.environ.get("MEGATRON_PRUNE_DEBUG") == "1":
-            raise
-        print(f"megatron-prune {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        if os.environ.get(DEBUG_ENV) == "1":
+            traceback.print_exc()
+        return _refuse(args.command, err)
+    except Exception:
+        traceback.print_exc()
+        print(f"megatron-prune {args.command}: {BUG_REPORT}", file=sys.stderr)
+        return EXIT_BUG
     finally:
         _shutdown()
     return 0

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from megatron_prune.accelerator import Accelerator, prepare
+from megatron_prune.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -29,11 +30,11 @@ class ParallelLayout:
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
-            raise ValueError(f"parallel sizes must be >= 1, got tp={self.tp} pp={self.pp}")
+            raise UserError(f"parallel sizes must be >= 1, got tp={self.tp} pp={self.pp}")
         if self.vpp is not None and (self.vpp < 1 or self.pp < 2):
-            raise ValueError("--virtual-pipeline-model-parallel-size needs pp >= 2 and vpp >= 1")
+            raise UserError("--virtual-pipeline-model-parallel-size needs pp >= 2 and vpp >= 1")
         if self.sequence_parallel and self.tp < 2:
-            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size >= 2")
+            raise UserError("--sequence-parallel needs --tensor-model-parallel-size >= 2")
 
     @property
     def model_parallel_size(self) -> int:
@@ -41,7 +42,7 @@ class ParallelLayout:
 
     def data_parallel_size(self, world_size: int) -> int:
         if world_size % self.model_parallel_size:
-            raise ValueError(
+            raise UserError(
                 f"world size {world_size} is not divisible by tp*pp={self.model_parallel_size}; "
                 f"launch a multiple of {self.model_parallel_size} processes"
             )
@@ -94,7 +95,7 @@ def init_torch_distributed(accel: Accelerator) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         if world > 1:
-            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch under torchrun")
+            raise UserError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch under torchrun")
         os.environ["MASTER_PORT"] = str(_free_port())
     if accel.kind == "cuda":
         torch.cuda.set_device(local_rank)

@@ -31,6 +31,7 @@ import torch
 
 from megatron_prune.distill.loss import DistillLossConfig, distillation_loss
 from megatron_prune.distill.pair import DistillationChunk
+from megatron_prune.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def distillation_model_provider(student_provider: Callable[..., torch.nn.Module]
         student = student_provider(pre_process=pre_process, post_process=post_process,
                                    vp_stage=vp_stage, **kwargs)  # fmt: skip
         if student.config.sequence_parallel != settings().sequence_parallel:
-            raise ValueError("teacher and student must agree on sequence parallelism")
+            raise UserError("teacher and student must agree on sequence parallelism")
         student.config.calculate_per_token_loss = True
         return DistillationChunk(student, teacher)
 

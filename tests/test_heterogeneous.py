@@ -16,6 +16,7 @@ import re
 import pytest
 import torch
 
+from megatron_prune.errors import UserError
 from megatron_prune.models.arch import ArchError, ModelArch
 from megatron_prune.models.families import get_family
 from megatron_prune.surgery.prune import PruneOptions, prune_model
@@ -149,7 +150,7 @@ def test_scoring_a_heterogeneous_checkpoint_is_refused(tmp_path):
     args = build_parser().parse_args(["score", str(tmp_path), "--data", str(tmp_path / "data.txt"),
                                       "--samples", "1", "--seq-len", "4", "--out",
                                       str(tmp_path / "s")])  # fmt: skip
-    with pytest.raises(ValueError, match="per-layer widths"):
+    with pytest.raises(UserError, match="per-layer widths"):
         args.module.validate(args)
 
 

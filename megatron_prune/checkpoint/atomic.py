@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
+from megatron_prune.errors import OutputError
 
-class OutputExistsError(FileExistsError):
+
+class OutputExistsError(OutputError):
     def __init__(self, path: Path) -> None:
         super().__init__(f"{path} already exists; pass --overwrite to replace it")
 

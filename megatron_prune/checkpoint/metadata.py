@@ -10,14 +10,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_prune.errors import CheckpointError
 from megatron_prune.models.arch import ModelArch
 
 METADATA_FILE = "megatron_prune.json"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated or not of this tool."""
 
 
 @dataclass

@@ -11,6 +11,7 @@ from megatron_prune.checkpoint.atomic import atomic_directory, check_output, is_
 from megatron_prune.checkpoint.metadata import CheckpointMeta, provenance
 from megatron_prune.checkpoint.sources import TOKENIZER_DIR, Source, open_source
 from megatron_prune.distributed import add_layout_args, initialize, layout_from_args
+from megatron_prune.errors import UserError
 from megatron_prune.log import log
 
 
@@ -34,7 +35,7 @@ def validate(args: argparse.Namespace) -> Source:
     source = open_source(args.src)
     layout = layout_from_args(args)
     if args.to == "hf" and layout.model_parallel_size != 1:
-        raise ValueError("--to hf writes whole tensors: leave --tp/--pp at 1")
+        raise UserError("--to hf writes whole tensors: leave --tp/--pp at 1")
     source.arch.check_layout(layout.tp, layout.pp, layout.vpp)
     return source
 

@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from megatron_prune.errors import UserError
+
 __all__ = ["add_arguments", "run", "validate"]
 
 
@@ -25,7 +27,7 @@ def validate(args: argparse.Namespace) -> None:
     from megatron_prune.data.tokenizer import load_tokenizer
 
     if not Path(args.input).is_file():
-        raise FileNotFoundError(f"--input {args.input} does not exist")
+        raise UserError(f"--input {args.input} does not exist")
     for ext in (".bin", ".idx"):
         if Path(args.output + ext).exists() and not args.overwrite:
             raise OutputExistsError(Path(args.output + ext))

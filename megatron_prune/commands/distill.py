@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from megatron_prune.distributed import add_layout_args, layout_from_args
+from megatron_prune.errors import UserError
 
 __all__ = ["add_arguments", "run", "validate", "world_size_needed"]
 
@@ -109,37 +110,37 @@ def validate(args: argparse.Namespace) -> None:
     loss, _ = _options(args)  # building both configs validates their values
     if args.teacher is None:
         if loss.lm_weight != 1.0:
-            raise ValueError("no --teacher: pass --lm-weight 1 to train on the LM loss alone")
+            raise UserError("no --teacher: pass --lm-weight 1 to train on the LM loss alone")
     else:
         teacher = CheckpointMeta.read(args.teacher)
         teacher.arch.check_layout(layout.tp, layout.pp, layout.vpp)
         _check_same_vocabulary(teacher, student, args.teacher, args.student)
     if args.train_tokens < 1 or args.seq_len < 2:
-        raise ValueError("--train-tokens must be >= 1 and --seq-len >= 2")
+        raise UserError("--train-tokens must be >= 1 and --seq-len >= 2")
     dp = (args.nproc_per_node or layout.model_parallel_size) // layout.model_parallel_size
     if args.global_batch % (args.micro_batch * max(dp, 1)):
-        raise ValueError(
+        raise UserError(
             f"--global-batch {args.global_batch} must be a multiple of --micro-batch "
             f"{args.micro_batch} x data-parallel size {dp}"
         )
     if layout.vpp and (args.global_batch // (args.micro_batch * max(dp, 1))) % layout.pp:
-        raise ValueError(
+        raise UserError(
             "an interleaved pipeline needs micro-batches per step to be a multiple of --pp "
             f"({layout.pp}); raise --global-batch"
         )
     parse_blend(args.data)
     if args.eval_data and not Path(args.eval_data).is_file():
-        raise FileNotFoundError(f"--eval-data {args.eval_data} does not exist")
+        raise UserError(f"--eval-data {args.eval_data} does not exist")
     out = Path(args.out).resolve()
     for name, path in (("--student", args.student), ("--teacher", args.teacher)):
         if path is not None and Path(path).resolve() in (out, *out.parents):
-            raise ValueError(f"--out {args.out} would hold or replace {name} {path}: choose "
+            raise UserError(f"--out {args.out} would hold or replace {name} {path}: choose "
                              "another run folder")  # fmt: skip
     if out.exists() and not (args.resume or args.overwrite):
         raise OutputExistsError(out)
     looks_like_run = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
     if args.overwrite and out.is_dir() and any(out.iterdir()) and not looks_like_run:
-        raise ValueError(
+        raise UserError(
             f"--overwrite would delete {args.out}, which is not a distill run folder "
             "(no metrics.jsonl or checkpoints/): choose another --out"
         )
@@ -153,7 +154,7 @@ def _check_same_vocabulary(teacher, student, teacher_path: str, student_path: st
     if all(f.is_file() for f in files):
         same_ids = same_ids and files[0].read_bytes() == files[1].read_bytes()
     if not same_ids:
-        raise ValueError(
+        raise UserError(
             f"teacher ({t.vocab_size} tokens) and student ({s.vocab_size} tokens) do not share "
             "a tokenizer; full-vocabulary distillation needs the same one"
         )

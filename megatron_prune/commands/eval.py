@@ -12,6 +12,7 @@ from megatron_prune.commands.common import (
     world_size_needed,
 )
 from megatron_prune.commands.common import validate_checkpoint as validate
+from megatron_prune.errors import UserError
 
 __all__ = ["add_arguments", "run", "validate", "world_size_needed"]
 
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> None:
 
     data = Path(args.data)
     if not data.is_file():
-        raise FileNotFoundError(f"--data {data} does not exist")
+        raise UserError(f"--data {data} does not exist")
     tokenizer = load_tokenizer(args.checkpoint)
     ids = tokenizer.encode(data.read_text(encoding="utf-8"))
     model = open_checkpoint(args)

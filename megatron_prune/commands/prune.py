@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from megatron_prune.commands.common import add_checkpoint_args, world_size_needed
+from megatron_prune.errors import UserError
 
 __all__ = ["add_arguments", "run", "validate", "world_size_needed"]
 
@@ -51,7 +52,7 @@ def validate(args: argparse.Namespace):
     check_output(Path(args.out), args.overwrite)
     meta = CheckpointMeta.read(args.checkpoint)
     if not Path(args.target).is_file():
-        raise FileNotFoundError(f"--target {args.target} does not exist")
+        raise UserError(f"--target {args.target} does not exist")
     target = load_target(args.target, meta.arch, args.tp, args.pp)
     scores = load_scores(args.scores, meta.arch)
     check_scores(scores, meta.arch, target, _options(args))

@@ -10,7 +10,8 @@ A recipe is one reproducible job. Its first comment line is the command that lau
 ``${name}`` is replaced by a value from ``vars`` in the recipe, ``--set name=value``, or one of
 the built-ins: ``smollm2`` and ``gemma3`` (real model files installed from PyPI),
 ``eval_text`` and ``calibration_text`` (Jane Austen, disjoint), ``workdir`` (``--workdir``).
-Every step is validated (flags parsed, inputs resolved) before the first one runs.
+Before the first step runs, every step's flags are parsed (argparse only: inputs are not
+resolved or checked until the step itself runs).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from megatron_prune.errors import UserError
 from megatron_prune.log import log
 
 POSITIONAL = {
@@ -57,7 +59,7 @@ def _builtin(name: str, workdir: str) -> str:
     if name in ("eval_text", "calibration_text"):
         calibration, evaluation = corpus.write_splits(corpus.cache_dir() / "text")
         return str(evaluation if name == "eval_text" else calibration)
-    raise ValueError(f"unknown recipe variable ${{{name}}}")
+    raise UserError(f"unknown recipe variable ${{{name}}}")
 
 
 def _substitute(value: Any, env: dict[str, str], workdir: str, depth: int = 0) -> Any:
@@ -65,7 +67,7 @@ def _substitute(value: Any, env: dict[str, str], workdir: str, depth: int = 0) -
     if not isinstance(value, str):
         return value
     if depth > 8:
-        raise ValueError(f"recipe variables refer to each other in a loop: {value!r}")
+        raise UserError(f"recipe variables refer to each other in a loop: {value!r}")
 
     def repl(m: re.Match) -> str:
         key = m.group(1)
@@ -79,15 +81,15 @@ def _substitute(value: Any, env: dict[str, str], workdir: str, depth: int = 0) -
 def step_argv(step: dict[str, Any], env: dict[str, str], workdir: str) -> list[str]:
     """One recipe step -> the argv of ``megatron-prune``."""
     if not isinstance(step, dict) or len(step) != 1:
-        raise ValueError(f"a recipe step is a one-key mapping {{command: {{flags}}}}, got {step!r}")
+        raise UserError(f"a recipe step is a one-key mapping {{command: {{flags}}}}, got {step!r}")
     ((command, flags),) = step.items()
     if command not in POSITIONAL:
-        raise ValueError(f"unknown recipe command {command!r}; known: {sorted(POSITIONAL)}")
+        raise UserError(f"unknown recipe command {command!r}; known: {sorted(POSITIONAL)}")
     flags = dict(flags or {})
     argv = [command]
     for name in POSITIONAL[command]:
         if name not in flags:
-            raise ValueError(f"recipe step {command!r} needs {name!r}")
+            raise UserError(f"recipe step {command!r} needs {name!r}")
         argv.append(str(_substitute(flags.pop(name), env, workdir)))
     for key, value in flags.items():
         option = "--" + key.replace("_", "-")
@@ -100,17 +102,17 @@ def step_argv(step: dict[str, Any], env: dict[str, str], workdir: str) -> list[s
 
 def load_recipe(path: Path, overrides: list[str], workdir: str) -> list[list[str]]:
     if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} does not exist")
+        raise UserError(f"recipe {path} does not exist")
     recipe = yaml.safe_load(path.read_text()) or {}
     env = {k: str(v) for k, v in (recipe.get("vars") or {}).items()}
     for item in overrides:
         name, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--set wants NAME=VALUE, got {item!r}")
+            raise UserError(f"--set wants NAME=VALUE, got {item!r}")
         env[name] = value
     steps = recipe.get("steps")
     if not steps:
-        raise ValueError(f"recipe {path} has no steps")
+        raise UserError(f"recipe {path} has no steps")
     argvs = [step_argv(s, env, workdir) for s in steps]
     from megatron_prune.cli import build_parser
 
@@ -119,7 +121,7 @@ def load_recipe(path: Path, overrides: list[str], workdir: str) -> list[list[str
         try:
             parser.parse_args(argv)
         except SystemExit:
-            raise ValueError(f"recipe step {shlex.join(argv)!r} has invalid flags") from None
+            raise UserError(f"recipe step {shlex.join(argv)!r} has invalid flags") from None
     return argvs
 
 
@@ -131,4 +133,4 @@ def run(args: argparse.Namespace) -> None:
             continue
         code = subprocess.call([sys.executable, "-m", "megatron_prune.cli", *argv])
         if code != 0:
-            raise RuntimeError(f"step {i} failed with exit code {code}")
+            raise UserError(f"step {i} failed with exit code {code}")

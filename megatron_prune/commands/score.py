@@ -12,6 +12,7 @@ from megatron_prune.commands.common import (
     validate_checkpoint,
     world_size_needed,
 )
+from megatron_prune.errors import UserError
 
 __all__ = ["add_arguments", "run", "validate", "world_size_needed"]
 
@@ -51,19 +52,19 @@ def validate(args: argparse.Namespace) -> None:
 
     validate_checkpoint(args)
     if CheckpointMeta.read(args.checkpoint).arch.heterogeneous:
-        raise ValueError(
+        raise UserError(
             f"{args.checkpoint} has per-layer widths (a heterogeneous pruned model): scoring it "
             "is not supported (scores are [layers, units] tables); prune the uniform source "
             "model with its scores instead"
         )
     if not Path(args.data).is_file():
-        raise FileNotFoundError(f"--data {args.data} does not exist")
+        raise UserError(f"--data {args.data} does not exist")
     if Path(args.data).stat().st_size == 0:
-        raise ValueError(f"--data {args.data} is empty")
+        raise UserError(f"--data {args.data} is empty")
     check_output(Path(args.out), args.overwrite)
     partial = Path(args.out).with_name(Path(args.out).name + ".partial") / "partial.json"
     if args.resume and not partial.is_file():
-        raise ValueError(f"--resume: no partial run to continue ({partial} missing)")
+        raise UserError(f"--resume: no partial run to continue ({partial} missing)")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -19,11 +19,8 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from megatron_prune.data.tokenizer import Tokenizer
+from megatron_prune.errors import DataError
 from megatron_prune.progress import progress_bar
-
-
-class DataError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

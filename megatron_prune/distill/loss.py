@@ -15,6 +15,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_prune.distill.kl import vocab_parallel_cross_entropy, vocab_parallel_kl
+from megatron_prune.errors import UserError
 from megatron_prune.evaluate.forward import vocab_shard_range
 
 
@@ -29,11 +30,11 @@ class DistillLossConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lm_weight <= 1.0:
-            raise ValueError(f"lm_weight must lie in [0, 1], got {self.lm_weight}")
+            raise UserError(f"lm_weight must lie in [0, 1], got {self.lm_weight}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+            raise UserError(f"temperature must be positive, got {self.temperature}")
         if self.top_k is not None and (self.reverse or self.top_k < 1):
-            raise ValueError("top-k distillation needs forward KL and k >= 1")
+            raise UserError("top-k distillation needs forward KL and k >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +54,7 @@ def distillation_loss(
     """
     student, teacher = logits if isinstance(logits, tuple) else (logits, None)
     if teacher is None and config.lm_weight < 1.0:
-        raise ValueError("distillation without a teacher: set lm_weight to 1 (LM loss only)")
+        raise UserError("distillation without a teacher: set lm_weight to 1 (LM loss only)")
     group = parallel_state.get_tensor_model_parallel_group()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     start, _ = vocab_shard_range(student.shape[-1] * tp)

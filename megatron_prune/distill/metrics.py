@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from megatron_prune.checkpoint.atomic import write_text_atomic
+from megatron_prune.errors import UserError
 from megatron_prune.log import is_rank0
 
 
@@ -33,7 +34,7 @@ class MetricsSink:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                raise RuntimeError(
+                raise UserError(
                     "--tensorboard needs the tensorboard package: pip install tensorboard"
                 ) from err
             self.tb = SummaryWriter(log_dir=str(out / "tensorboard"))
@@ -41,7 +42,7 @@ class MetricsSink:
             try:
                 import wandb
             except ImportError as err:
-                raise RuntimeError(
+                raise UserError(
                     "--wandb-project needs wandb: pip install 'megatron-prune[wandb]'"
                 ) from err
             os.environ.setdefault("WANDB_MODE", "offline")

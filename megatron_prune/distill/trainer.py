@@ -43,6 +43,7 @@ from megatron_prune.distill.state import (
     save_training_checkpoint,
 )
 from megatron_prune.distributed import ParallelLayout
+from megatron_prune.errors import UserError
 from megatron_prune.evaluate.forward import broadcast_from_last_stage
 from megatron_prune.log import log
 from megatron_prune.progress import TokenCounter
@@ -217,7 +218,7 @@ def setup_run(
 def _eod(model: LoadedModel) -> int:
     eos = model.meta.tokenizer.get("eos_id")
     if eos is None:
-        raise ValueError(f"{model.path}: its tokenizer has no EOS id to end documents with")
+        raise UserError(f"{model.path}: its tokenizer has no EOS id to end documents with")
     return int(eos)
 
 

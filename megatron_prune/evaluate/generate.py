@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_prune.errors import UserError
 from megatron_prune.evaluate.forward import forward_reduce, gather_vocab
 
 
@@ -17,7 +18,7 @@ def greedy_generate(
 ) -> list[int]:
     """The ids greedily generated after ``prompt_ids`` (stops at EOS)."""
     if not prompt_ids:
-        raise ValueError("the prompt is empty")
+        raise UserError("the prompt is empty")
     ids = list(prompt_ids)
     new: list[int] = []
     for _ in range(max_new_tokens):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core import tensor_parallel
 
+from megatron_prune.errors import UserError
 from megatron_prune.evaluate.forward import forward_reduce, mask_vocab_padding
 
 
@@ -21,7 +22,7 @@ def windows(ids: list[int], seq_len: int, bos_id: int | None) -> Iterator[list[i
     """The evaluation windows. Example: ids=[5,6,7,8,9], seq_len=3, bos=None -> [5,6,7], [8,9];
     with bos=1 -> [1,5,6], [1,7,8], [1,9]."""
     if seq_len < 2:
-        raise ValueError("--seq-len must be at least 2")
+        raise UserError("--seq-len must be at least 2")
     step = seq_len - 1 if bos_id is not None else seq_len
     for start in range(0, len(ids), step):
         w = ids[start : start + step]
@@ -74,7 +75,7 @@ def perplexity(
         ids = ids[:max_tokens]
     wins = list(windows(ids, seq_len, bos_id))
     if not wins:
-        raise ValueError("the evaluation text is too short: it yields no token to score")
+        raise UserError("the evaluation text is too short: it yields no token to score")
     total, count = 0.0, 0
     for w in progress_bar(wins, desc="ppl", unit="window", enabled=progress):
         total += window_nll_sum(chunks, w, vocab_size)

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 
+from megatron_prune.errors import DataError
 
-class CalibrationError(ValueError):
+
+class CalibrationError(DataError):
     pass
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_prune.errors import UserError
+
 
 def hill_alpha(eigs: torch.Tensor, i: int) -> tuple[float, float]:
     """(alpha, KS distance) of the tail eigs[i:] (ascending)."""
@@ -43,7 +45,7 @@ def esd_alpha(eigs: torch.Tensor, method: str = "xmin_peak") -> float:
     if method == "xmin_mid":
         return hill_alpha(eigs, n // 2)[0]
     if method != "xmin_peak":
-        raise ValueError(f"unknown ESD method {method!r}: xmin_mid or xmin_peak")
+        raise UserError(f"unknown ESD method {method!r}: xmin_mid or xmin_peak")
     log_eigs = torch.log10(eigs)
     counts = torch.histc(log_eigs, bins=100, min=float(log_eigs[0]), max=float(log_eigs[-1]))
     width = (log_eigs[-1] - log_eigs[0]) / 100

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple
 
+from megatron_prune.errors import ArchError
+
 ACTIVATIONS = ("silu", "gelu_tanh")
 # the widths that may differ per layer (heterogeneous models); ``layer_<name>`` holds the list
 PER_LAYER = ("ffn_hidden_size", "num_attention_heads", "num_query_groups")
@@ -20,10 +22,6 @@ class LayerWidths(NamedTuple):
     ffn_hidden_size: int
     num_attention_heads: int
     num_query_groups: int
-
-
-class ArchError(ValueError):
-    """An architecture or layout that cannot be built; the message says how to fix it."""
 
 
 def valid_divisors(value: int, limit: int = 64) -> list[int]:

@@ -14,16 +14,13 @@ from pathlib import Path
 
 import yaml
 
+from megatron_prune.errors import TargetError
 from megatron_prune.models.arch import PER_LAYER, ArchError, ModelArch
 
 KEYS = ("hidden_size", "num_layers", "drop_layers", "ffn_hidden_size", "num_attention_heads",
         "num_query_groups")  # fmt: skip
 
 Width = int | tuple[int, ...] | None  # one value, one per kept layer, or None: the source's
-
-
-class TargetError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
