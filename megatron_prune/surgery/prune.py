@@ -3,7 +3,9 @@ absorption. Pure tensor code on whole Megatron tensors; inputs are never modifie
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -24,7 +26,8 @@ from megatron_prune.surgery.width import (
     Pick,
     assemble_attention,
     prune_ffn,
-    prune_hidden,
+    prune_layer_hidden,
+    prune_other_hidden,
 )
 
 
@@ -79,13 +82,19 @@ def check_scores(scores: dict, arch: ModelArch, target: Target, options: PruneOp
         raise TargetError("--clap merges attention of dropped layers: the target drops none")
 
 
+class GroupPick(NamedTuple):
+    """One query group a pruned layer keeps, chosen from scores alone: the source layer it comes
+    from, that layer's group count, the group's index there and the heads kept inside it."""
+
+    source: int
+    num_groups: int
+    group: int
+    heads: torch.Tensor
+
+
 def _attention_picks(
-    state: ModelState,
-    arch: ModelArch,
-    new: LayerWidths,
-    scores: torch.Tensor,
-    sources: list[int],
-) -> list[Pick]:
+    arch: ModelArch, new: LayerWidths, scores: torch.Tensor, sources: list[int]
+) -> list[GroupPick]:
     """The query groups layer ``sources[0]`` keeps (with CLAP, ``sources[1:]`` are the dropped
     layers whose groups compete): inside each candidate group its best heads, then the groups
     with the best mean surviving-head score (Eq. 5)."""
@@ -96,7 +105,7 @@ def _attention_picks(
         per_group = scores[src].view(g, -1)
         for grp in range(g):
             heads = top_indices(per_group[grp], p_new)
-            candidates.append(Pick(state.layers[src], g, grp, heads))
+            candidates.append(GroupPick(src, g, grp, heads))
             ranks.append(per_group[grp][heads].double().mean())
     chosen = top_indices(torch.stack(ranks), new.num_query_groups)
     return [candidates[i] for i in chosen.tolist()]
@@ -128,16 +137,47 @@ def _check_fits(arch: ModelArch, new_arch: ModelArch, kept: list[int], donors: d
             )
 
 
-def prune_model(
-    flat: dict[str, torch.Tensor],
+@dataclass(frozen=True)
+class LayerPlan:
+    """What output layer k is made of: its source layer, the query groups it keeps (None: its
+    attention is left as it is) and the FFN neurons it keeps (None: all)."""
+
+    source: int
+    groups: list[GroupPick] | None
+    ffn_keep: torch.Tensor | None
+    inv_rms: tuple[float, float] | None  # (attention, MLP) post-norm constants when absorbing
+
+    @property
+    def sources(self) -> list[int]:
+        """Every source layer whose tensors this layer needs (CLAP donors included)."""
+        donors = {p.source for p in self.groups or []} - {self.source}
+        return [self.source, *sorted(donors)]
+
+
+@dataclass(frozen=True)
+class SurgeryPlan:
+    """Every choice the surgery makes, computed from scores and shapes alone (no weights): small
+    enough to compute once and hand to every rank, which then prunes its own layers."""
+
+    source_arch: ModelArch
+    arch: ModelArch
+    kept: list[int]
+    dropped: list[int]
+    donors: dict[int, list[int]]
+    layers: list[LayerPlan]
+    hidden_keep: torch.Tensor | None
+    slnp: bool
+
+
+def plan_surgery(
     arch: ModelArch,
     scores: dict[str, torch.Tensor],
     target: Target,
     options: PruneOptions = PruneOptions(),
-) -> PruneResult:
-    """Apply ``target`` to the whole Megatron state ``flat`` of a model ``arch``."""
+) -> SurgeryPlan:
+    """Decide what ``target`` keeps of a model ``arch``: layers, query groups and heads, FFN
+    neurons, hidden channels."""
     check_scores(scores, arch, target, options)
-    state = ModelState.from_flat(flat)
     L = arch.num_layers
     if target.drop_layers is not None:
         dropped = list(target.drop_layers)
@@ -157,48 +197,92 @@ def prune_model(
 
     layers = []
     for k, i in enumerate(kept):
-        layer, src, new = state.layers[i], arch.widths(i), shape.widths(k)
+        src, new = arch.widths(i), shape.widths(k)
+        groups = None
         if options.clap or (new.num_attention_heads, new.num_query_groups) != (
             src.num_attention_heads, src.num_query_groups
         ):  # fmt: skip
-            scores_h = scores[options.head_score]
-            picks = _attention_picks(state, arch, new, scores_h, [i, *donors[i]])
-            layer = assemble_attention(layer, picks, arch.head_dim)
+            groups = _attention_picks(arch, new, scores[options.head_score], [i, *donors[i]])
+        ffn_keep = None
         if new.ffn_hidden_size < src.ffn_hidden_size:
-            keep = top_indices(scores[options.neuron_score][i], new.ffn_hidden_size)
-            layer = prune_ffn(layer, keep)
-        layers.append(layer)
-    pruned = ModelState(layers, dict(state.other))
+            ffn_keep = top_indices(scores[options.neuron_score][i], new.ffn_hidden_size)
+        inv_rms = None
+        if options.absorb_post_norms:
+            inv_rms = (float(scores["post_norm/attn_inv_rms"][i]),
+                       float(scores["post_norm/mlp_inv_rms"][i]))  # fmt: skip
+        layers.append(LayerPlan(i, groups, ffn_keep, inv_rms))
 
+    hidden_keep = None
     if target.hidden_size < arch.hidden_size:
-        keep = top_indices(scores[options.channel_score], target.hidden_size)
-        before = pruned
-        pruned = prune_hidden(pruned, keep)
-        if options.slnp:
-            _apply_slnp(before, pruned, keep, arch.zero_centered_gamma)
-
-    post_norms = arch.post_norms
-    if options.absorb_post_norms:
-        for new, i in zip(pruned.layers, kept, strict=True):
-            for norm, proj, key in ((POST_ATTN_NORM, PROJ, "attn"), (POST_MLP_NORM, FC2, "mlp")):
-                inv = float(scores[f"post_norm/{key}_inv_rms"][i])
-                new[proj] = absorb_post_norm(
-                    new[proj], new.pop(norm), inv, arch.zero_centered_gamma
-                )
-        post_norms = False
+        hidden_keep = top_indices(scores[options.channel_score], target.hidden_size)
+    post_norms = arch.post_norms and not options.absorb_post_norms
     new_arch = target.arch(arch, kept, post_norms=post_norms)
     if arch.sliding_window is not None and dropped:  # survivors keep their local/global kind
         local = tuple(arch.is_local_layer(i) for i in kept)
         new_arch = ModelArch.from_dict({**new_arch.to_dict(), "local_layers": local})
-    return PruneResult(
-        pruned.to_flat(), new_arch, kept, dropped, {k: v for k, v in donors.items() if v}
-    )
+    return SurgeryPlan(
+        arch, new_arch, kept, dropped, {k: v for k, v in donors.items() if v}, layers,
+        hidden_keep, options.slnp and hidden_keep is not None,
+    )  # fmt: skip
 
 
-def _apply_slnp(before: ModelState, after: ModelState, keep: torch.Tensor, zc: bool) -> None:
-    """Eq. 6 on every norm that lost channels (in place on ``after``, a fresh object)."""
-    after.other[FINAL_NORM] = slnp(before.other[FINAL_NORM], after.other[FINAL_NORM], zc)
-    for old, new in zip(before.layers, after.layers, strict=True):
-        for name in HIDDEN_NORMS:
-            if name in new:
-                new[name] = slnp(old[name], new[name], zc)
+def prune_layer(
+    plan: SurgeryPlan, k: int, sources: Mapping[int, dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Output layer ``k`` from the whole tensors of its source layers (``plan.layers[k].sources``,
+    keyed by source layer index; layer-local names such as ``mlp.linear_fc1.weight``). Inputs
+    are not modified."""
+    lp = plan.layers[k]
+    original = sources[lp.source]
+    layer = original
+    if lp.groups is not None:
+        picks = [Pick(sources[p.source], p.num_groups, p.group, p.heads) for p in lp.groups]
+        layer = assemble_attention(layer, picks, plan.source_arch.head_dim)
+    if lp.ffn_keep is not None:
+        layer = prune_ffn(layer, lp.ffn_keep)
+    if plan.hidden_keep is not None:
+        layer = prune_layer_hidden(layer, plan.hidden_keep)
+        if plan.slnp:
+            zc = plan.source_arch.zero_centered_gamma
+            for name in HIDDEN_NORMS:
+                if name in layer:
+                    layer[name] = slnp(original[name], layer[name], zc)
+    if lp.inv_rms is not None:
+        layer = dict(layer)
+        zc = plan.source_arch.zero_centered_gamma
+        for (norm, proj), inv in zip(((POST_ATTN_NORM, PROJ), (POST_MLP_NORM, FC2)), lp.inv_rms,
+                                     strict=True):  # fmt: skip
+            layer[proj] = absorb_post_norm(layer[proj], layer.pop(norm), inv, zc)
+    return layer
+
+
+def prune_other(plan: SurgeryPlan, other: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors outside the layers (embedding, output layer, final norm), whichever of them
+    ``other`` holds. The embedding and output layer may be any block of their vocabulary rows
+    (a tensor-parallel rank's share): hidden pruning selects columns."""
+    if plan.hidden_keep is None:
+        return dict(other)
+    pruned = prune_other_hidden(other, plan.hidden_keep)
+    if plan.slnp and FINAL_NORM in other:
+        zc = plan.source_arch.zero_centered_gamma
+        pruned[FINAL_NORM] = slnp(other[FINAL_NORM], pruned[FINAL_NORM], zc)
+    return pruned
+
+
+def prune_model(
+    flat: dict[str, torch.Tensor],
+    arch: ModelArch,
+    scores: dict[str, torch.Tensor],
+    target: Target,
+    options: PruneOptions = PruneOptions(),
+) -> PruneResult:
+    """Apply ``target`` to the whole Megatron state ``flat`` of a model ``arch`` (one process,
+    whole tensors; ``prune`` runs the same per-layer functions rank by rank on the shards)."""
+    plan = plan_surgery(arch, scores, target, options)
+    state = ModelState.from_flat(flat)
+    layers = [
+        prune_layer(plan, k, {i: state.layers[i] for i in lp.sources})
+        for k, lp in enumerate(plan.layers)
+    ]
+    pruned = ModelState(layers, prune_other(plan, state.other))
+    return PruneResult(pruned.to_flat(), plan.arch, plan.kept, plan.dropped, plan.donors)

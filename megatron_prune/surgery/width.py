@@ -8,6 +8,7 @@ output rows of the attention projection and FC2.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -33,25 +34,40 @@ from megatron_prune.surgery.state import (
 HIDDEN_NORMS = (INPUT_NORM, PRE_MLP_NORM, POST_ATTN_NORM, POST_MLP_NORM)
 
 
+def prune_layer_hidden(
+    layer: dict[str, torch.Tensor], keep: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Keep hidden channels ``keep`` in one layer: its norms, the input columns of QKV and FC1,
+    the output rows of the attention projection and FC2."""
+    new = dict(layer)
+    for name in HIDDEN_NORMS:
+        if name in new:
+            new[name] = new[name][keep]
+    new[QKV] = layer[QKV][:, keep]
+    new[FC1] = layer[FC1][:, keep]
+    new[PROJ] = layer[PROJ][keep]
+    new[FC2] = layer[FC2][keep]
+    return new
+
+
+def prune_other_hidden(
+    other: Mapping[str, torch.Tensor], keep: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Keep hidden channels ``keep`` in whichever of the embedding, output layer ([V, h], or a
+    block of their rows) and final norm ``other`` holds."""
+    new = dict(other)
+    for name in (EMBEDDING, OUTPUT):
+        if name in new:
+            new[name] = new[name][:, keep]  # [V, h]
+    if FINAL_NORM in new:
+        new[FINAL_NORM] = new[FINAL_NORM][keep]
+    return new
+
+
 def prune_hidden(state: ModelState, keep: torch.Tensor) -> ModelState:
     """Keep hidden channels ``keep`` everywhere they appear."""
-    other = dict(state.other)
-    for name in (EMBEDDING, OUTPUT):
-        if name in other:
-            other[name] = other[name][:, keep]  # [V, h]
-    other[FINAL_NORM] = other[FINAL_NORM][keep]
-    layers = []
-    for layer in state.layers:
-        new = dict(layer)
-        for name in HIDDEN_NORMS:
-            if name in new:
-                new[name] = new[name][keep]
-        new[QKV] = layer[QKV][:, keep]
-        new[FC1] = layer[FC1][:, keep]
-        new[PROJ] = layer[PROJ][keep]
-        new[FC2] = layer[FC2][keep]
-        layers.append(new)
-    return ModelState(layers, other)
+    layers = [prune_layer_hidden(layer, keep) for layer in state.layers]
+    return ModelState(layers, prune_other_hidden(state.other, keep))
 
 
 class Pick(NamedTuple):
