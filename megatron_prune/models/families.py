@@ -219,9 +219,13 @@ def _sandwich_rules(arch: ModelArch) -> list[Rule]:
 # What a stock transformers class cannot express goes under this config.json key, read by the
 # model class we write next to the weights (models/hf_remote_code.py, trust_remote_code=True):
 # "layer_widths": one dict of config overrides per layer (heterogeneous models);
-# "identity_modules": decoder-layer modules that become identities (absorbed post-norms).
+# "identity_modules": decoder-layer modules that become identities (absorbed post-norms);
+# "free_head_dim": true when some layer's head count does not divide hidden_size (the stock
+# config class refuses that even with an explicit head_dim; ours accepts it). The remote code
+# always brings its own config class too (REMOTE_CONFIG).
 EXPORT_KEY = "megatron_prune"
 REMOTE_CLASS = "MegatronPruneForCausalLM"
+REMOTE_CONFIG = "MegatronPruneConfig"
 REMOTE_MODULE = "modeling_megatron_prune"
 _PER_LAYER_HF = {  # our per-layer width -> its HF config name
     "ffn_hidden_size": "intermediate_size",
@@ -245,6 +249,9 @@ class Family:
     # the post-norm modules of its HF decoder layer (sandwich families): the transformers class
     # always builds them, so absorbed models replace them by identities
     hf_post_norms: tuple[str, ...] = ()
+    # its transformers config class refuses hidden_size % num_attention_heads != 0, even with
+    # an explicit head_dim (transformers 5.23: Llama and Gemma 3; Qwen 2/3 accept it)
+    hf_heads_divide_hidden: bool = False
 
     def read_hf_config(self, cfg: HFConfig) -> ModelArch:
         """The architecture of an HF config, including what our own exports add."""
@@ -274,12 +281,21 @@ class Family:
             ]
         if self.hf_post_norms and not arch.post_norms:
             extra["identity_modules"] = list(self.hf_post_norms)
+        if self.hf_heads_divide_hidden and any(
+            arch.hidden_size % w.num_attention_heads for w in arch.all_widths()
+        ):
+            # Width pruning picks the hidden size freely (make demo: 512 channels, 9 heads):
+            # the stock config refuses such a model, though its attention computes it as is.
+            extra["free_head_dim"] = True
         if not extra:
             return cfg
         cfg[EXPORT_KEY] = {"base_class": cfg["architectures"][0], **extra}
         if self.transformers_class:
             cfg["architectures"] = [REMOTE_CLASS]
-            cfg["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_MODULE}.{REMOTE_CLASS}"}
+            cfg["auto_map"] = {
+                "AutoConfig": f"{REMOTE_MODULE}.{REMOTE_CONFIG}",
+                "AutoModelForCausalLM": f"{REMOTE_MODULE}.{REMOTE_CLASS}",
+            }
         return cfg
 
 
@@ -293,6 +309,7 @@ FAMILIES: dict[str, Family] = {
             lambda a: _llama_hf(
                 a, "llama", "LlamaForCausalLM", attention_bias=False, mlp_bias=False
             ),
+            hf_heads_divide_hidden=True,
         ),
         Family(
             "qwen2",
@@ -315,6 +332,7 @@ FAMILIES: dict[str, Family] = {
             _gemma3_hf,
             _sandwich_rules,
             hf_post_norms=_POST_NORMS,
+            hf_heads_divide_hidden=True,
         ),
         Family(
             "pangu",
