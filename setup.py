@@ -6,7 +6,8 @@ setup(
     name="megatron-prune",
     version="0.1.0",
     description="Structured pruning with weight re-initialisation and online knowledge "
-    "distillation for Megatron-Core LLMs (Pangu Light, AlphaPruning, Tyr-the-Pruner)",
+    "distillation for Megatron-Core LLMs (Pangu Light; AlphaPruning and Tyr-the-Pruner "
+    "allocation planned)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
@@ -26,10 +27,11 @@ setup(
         "sentencepiece",
         "accelerate",
     ],
+    # No "gpu" or "deepspeed" extra: the GPU path needs only torch with CUDA, PyPI's "apex" is
+    # an unrelated package (NVIDIA apex is built from source), and nothing here uses DeepSpeed.
+    # See README, "Installing".
     extras_require={
         "npu": ["torch_npu"],
-        "gpu": ["transformer-engine[pytorch]", "apex"],
-        "deepspeed": ["deepspeed"],
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],
         "dev": ["pytest", "ruff", "rdata", "matplotlib", "tensorboard", "wandb"],

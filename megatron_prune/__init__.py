@@ -1,5 +1,6 @@
 """megatron_prune: structured pruning with weight re-initialisation and online distillation for
-Megatron-Core models (Pangu Light, AlphaPruning, Tyr-the-Pruner)."""
+Megatron-Core models (the Pangu Light recipe; AlphaPruning and Tyr-the-Pruner allocation are
+planned, not built: only AlphaPruning's ESD score exists so far)."""
 
 __version__ = "0.1.0"
 

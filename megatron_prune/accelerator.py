@@ -2,8 +2,9 @@
 
 megatron-core assumes CUDA in a handful of places (RNG trackers, ``torch.cuda.current_device()``
 as a device, ``device="cuda"`` literals in schedules, optimizers and masks). On a machine without
-an accelerator we redirect exactly those places to the CPU so that the *same* model code runs
-under ``torchrun`` with the gloo backend; that is how every multi-rank test of this project runs.
+an accelerator, or on a GPU machine told to use the CPU, we redirect exactly those places to the
+CPU so that the *same* model code runs under ``torchrun`` with the gloo backend; that is how every
+multi-rank test of this project runs.
 
 On Ascend NPUs ``torch_npu`` (and its ``transfer_to_npu`` bridge) plays the same role, as in
 MindSpeed; on CUDA nothing is patched.
@@ -21,6 +22,8 @@ from types import ModuleType
 from typing import Any
 
 import torch
+
+from megatron_prune.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,8 @@ def _npu_available() -> bool:
 def detect(requested: str | None = None) -> Accelerator:
     """Pick the accelerator: ``requested`` ("cuda", "npu", "cpu") or the best one present.
 
-    ``MEGATRON_PRUNE_DEVICE`` overrides detection, which lets a GPU machine run the CPU path.
+    ``MEGATRON_PRUNE_DEVICE`` overrides detection, which lets a GPU machine run the CPU path
+    (see :func:`apply_cpu_shim`).
     """
     choice = requested or os.environ.get("MEGATRON_PRUNE_DEVICE")
     if choice is None:
@@ -60,11 +64,11 @@ def detect(requested: str | None = None) -> Accelerator:
             choice = "cpu"
     backends = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
     if choice not in backends:
-        raise ValueError(f"unknown device {choice!r}: choose one of {sorted(backends)}")
+        raise UserError(f"unknown device {choice!r}: choose one of {sorted(backends)}")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+        raise UserError("device 'cuda' requested but torch sees no CUDA device")
     if choice == "npu" and not _npu_available():
-        raise RuntimeError("device 'npu' requested but torch_npu is missing or sees no NPU")
+        raise UserError("device 'npu' requested but torch_npu is missing or sees no NPU")
     return Accelerator(kind=choice, backend=backends[choice])
 
 
@@ -113,15 +117,29 @@ class _CpuTorch(ModuleType):
 
 
 _SHIM_APPLIED = False
+# (owner, attribute, original value) of every patch, in the order applied, so the shim can be
+# taken off again (remove_cpu_shim).
+_ORIGINALS: list[tuple[Any, str, Any]] = []
+
+
+def _patch(owner: Any, name: str, value: Any) -> None:
+    _ORIGINALS.append((owner, name, getattr(owner, name)))
+    setattr(owner, name, value)
 
 
 def shim_applied() -> bool:
-    """True once :func:`apply_cpu_shim` has patched this process."""
+    """True while :func:`apply_cpu_shim` has patched this process."""
     return _SHIM_APPLIED
 
 
 def apply_cpu_shim() -> None:
     """Make megatron-core's CUDA assumptions hold on the CPU. Idempotent.
+
+    Works on a machine with CUDA too, when the CPU path was asked for (``--device cpu``,
+    ``MEGATRON_PRUNE_DEVICE=cpu``): megatron's CUDA calls are redirected as on a CPU machine,
+    and ``torch.cuda.is_available()`` / ``device_count()`` then report no GPU, so megatron-core
+    and this project take their CPU branches instead of mixing CPU tensors with CUDA ones.
+    Every rank still runs on the CPU; no tensor is placed on a GPU.
 
     Also divides the cores among the node's ranks (two threads per rank on a 2-core machine with
     two ranks made a step 40x slower) and disables dynamo, whose first compile costs seconds and
@@ -131,22 +149,23 @@ def apply_cpu_shim() -> None:
     if _SHIM_APPLIED:
         return
     if torch.cuda.is_available():
-        raise RuntimeError("the CPU shim must not be applied on a machine with CUDA")
+        _patch(torch.cuda, "is_available", lambda: False)
+        _patch(torch.cuda, "device_count", lambda: 0)
 
-    torch.cuda.current_device = lambda: "cpu"  # used as a device argument by megatron
-    torch.cuda.manual_seed = torch.manual_seed
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    _patch(torch.cuda, "current_device", lambda: "cpu")  # used as a device argument by megatron
+    _patch(torch.cuda, "manual_seed", torch.manual_seed)
+    _patch(torch.cuda, "synchronize", lambda *a, **k: None)
+    _patch(torch.cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state())
+    _patch(torch.Tensor, "cuda", lambda self, *a, **k: self)
 
     import megatron.core.tensor_parallel.random as tp_random
 
-    tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    _patch(tp_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
+    _patch(tp_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
 
     cpu_torch = _CpuTorch()
     for name in _MODULES_WITH_CUDA_LITERALS:
-        importlib.import_module(name).torch = cpu_torch  # type: ignore[attr-defined]
+        _patch(importlib.import_module(name), "torch", cpu_torch)
 
     if os.environ.get("MEGATRON_PRUNE_KEEP_THREADS") != "1":
         # One process per core: more threads than cores per node oversubscribes badly.
@@ -155,8 +174,20 @@ def apply_cpu_shim() -> None:
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     import torch._dynamo as dynamo
 
-    dynamo.config.disable = True
+    _patch(dynamo.config, "disable", True)
     _SHIM_APPLIED = True
+
+
+def remove_cpu_shim() -> None:
+    """Undo :func:`apply_cpu_shim`: every patched function, module attribute and setting gets
+    its original back (the thread count and ``TORCHDYNAMO_DISABLE`` stay as set). A no-op when
+    the shim is not applied. For code that ran the CPU path and must hand the process back as
+    it found it, and for the tests that check what the shim changes."""
+    global _SHIM_APPLIED
+    while _ORIGINALS:
+        owner, name, original = _ORIGINALS.pop()
+        setattr(owner, name, original)
+    _SHIM_APPLIED = False
 
 
 _CPU_TO_CUDA_TYPE = {

@@ -1,7 +1,9 @@
 """Pruning at the model level, through the prune command at TP=1 and TP=2: keep-everything gives
 bit-identical logits; dropping a layer equals running the source with that layer skipped; the
 pruned checkpoint is tensor-for-tensor identical whether its scores came from TP=1 or TP=2 and
-whether it is saved at TP=1 or TP=2; an absorbed sandwich model runs without post-norms."""
+whether it is saved at TP=1 or TP=2; an absorbed sandwich model runs without post-norms and
+gives the logits of the unabsorbed pruned model with each post-norm replaced by its constant
+scale."""
 
 import json
 
@@ -28,8 +30,11 @@ def test_pruned_checkpoint_does_not_depend_on_layouts(report):
     assert report["layouts_keys_equal"] and report["layouts_unequal"] == []
 
 
-def test_absorbed_model_runs_without_post_norms(report):
-    assert report["absorbed_finite"] and report["absorbed_meta"] is False
+def test_absorbed_model_equals_the_sandwich_with_constant_post_norm_scales(report):
+    assert report["absorbed_meta"] is False  # written, and run, without post-norms
+    scale = report["absorbed_logit_scale"]
+    assert report["absorbed_vs_constant_scale_max_diff"] <= 1e-5 * scale  # fp32 rounding
+    assert report["absorbed_vs_sandwich_max_diff"] > 1e-2 * scale  # the check discriminates
 
 
 def test_bad_prune_inputs(scored, tmp_path):

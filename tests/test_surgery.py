@@ -137,6 +137,32 @@ def test_absorbing_removes_the_post_norms():
     assert not out.arch.post_norms and not any("post_norm" in k for k in out.state)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes, so that equality is bit for bit (-0.0 vs 0.0, NaN payloads)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def test_prune_model_leaves_its_inputs_untouched():
+    """The surgery promises pure functions: after a prune through every path (width, depth,
+    CLAP, SLNP, absorption) the caller's tensors, scores and arch are unchanged, bit for bit."""
+    state, arch = whole_state("gemma3")
+    scores = random_scores(arch, seed=3)
+    target = load_target({"hidden_size": 40, "ffn_hidden_size": 96, "num_attention_heads": 2,
+                          "num_query_groups": 2, "num_layers": 3}, arch)  # fmt: skip
+    before = {k: (v.dtype, v.shape, _bits(v).clone()) for k, v in state.items()}
+    scores_before = {k: (v.dtype, v.shape, _bits(v).clone()) for k, v in scores.items()}
+    arch_before, target_before = arch.to_dict(), repr(target)
+    options = PruneOptions(clap=True, slnp=True, absorb_post_norms=True)
+    out = prune_model(state, arch, scores, target, options)
+    assert out.dropped_layers and out.clap_donors and not out.arch.post_norms  # every path ran
+    for inputs, copies in ((state, before), (scores, scores_before)):
+        assert sorted(inputs) == sorted(copies)
+        for k, (dtype, shape, bits) in copies.items():
+            assert (inputs[k].dtype, inputs[k].shape) == (dtype, shape), k
+            assert torch.equal(_bits(inputs[k]), bits), k
+    assert arch.to_dict() == arch_before and repr(target) == target_before
+
+
 def test_target_validation_names_the_problem_and_nearby_values():
     _, arch = whole_state("qwen2")  # h=64, f=128, n=4, g=2, L=4
     cases = [

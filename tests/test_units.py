@@ -5,6 +5,7 @@ import torch
 
 from megatron_prune.checkpoint.atomic import OutputExistsError, atomic_directory
 from megatron_prune.distributed import ParallelLayout
+from megatron_prune.errors import UserError
 from megatron_prune.evaluate.perplexity import windows
 from megatron_prune.models.arch import ArchError, ModelArch
 from megatron_prune.models.families import FAMILIES, family_for_hf_config
@@ -86,9 +87,9 @@ def test_layout_errors_name_valid_values():
     with pytest.raises(ArchError, match="does not divide num_layers=30"):
         smol.check_layout(1, 4)
     smol.check_layout(3, 2)
-    with pytest.raises(ValueError, match="--sequence-parallel needs"):
+    with pytest.raises(UserError, match="--sequence-parallel needs"):
         ParallelLayout(sequence_parallel=True)
-    with pytest.raises(ValueError, match="not divisible by tp"):
+    with pytest.raises(UserError, match="not divisible by tp"):
         ParallelLayout(tp=2, pp=2).data_parallel_size(6)
 
 
@@ -122,26 +123,87 @@ def test_atomic_directory_overwrite_rules(tmp_path):
     assert [p.name for p in dst.iterdir()] == ["new"]
 
 
-def test_cpu_shim_is_idempotent_and_scoped():
-    from megatron_prune import accelerator
-
-    accel = accelerator.prepare("cpu")
-    assert (accel.kind, accel.backend) == ("cpu", "gloo")
-    accelerator.apply_cpu_shim()  # a second call changes nothing
-    assert accelerator.shim_applied()
+def _cuda_literal_mask() -> torch.Tensor:
+    """A megatron function with ``device="cuda"`` inside: on a machine without CUDA it fails
+    unless the shim redirects it."""
     import megatron.core.transformer.utils as mutils
 
-    mask = mutils.get_sliding_window_causal_mask(4, 4, (1, 0))  # has device="cuda" inside
-    assert mask.device.type == "cpu"
-    assert mask.tolist()[3] == [True, True, False, False]  # True = masked
-    assert torch.zeros(1).device.type == "cpu"  # plain torch untouched elsewhere
-    assert torch.cuda.current_device() == "cpu"
+    return mutils.get_sliding_window_causal_mask(4, 4, (1, 0))
+
+
+def test_cpu_shim_patches_megatron_and_restores():
+    """What the shim changes, before, while and after it is applied; idempotent; scoped to the
+    listed megatron modules (plain torch elsewhere is not redirected)."""
+    import megatron.core.tensor_parallel.random as tp_random
+    import megatron.core.transformer.utils as mutils
+
+    from megatron_prune import accelerator
+
+    was_applied = accelerator.shim_applied()
+    accelerator.remove_cpu_shim()
+    try:
+        originals = (torch.cuda.current_device, torch.Tensor.cuda, tp_random._set_cuda_rng_state)
+        assert mutils.torch is torch and not accelerator.shim_applied()
+        if not torch.cuda.is_available():
+            with pytest.raises((AssertionError, RuntimeError)):  # no CUDA: the literal fails
+                _cuda_literal_mask()
+
+        accel = accelerator.prepare("cpu")
+        assert (accel.kind, accel.backend) == ("cpu", "gloo") and accelerator.shim_applied()
+        patched = (torch.cuda.current_device, torch.Tensor.cuda, tp_random._set_cuda_rng_state)
+        accelerator.apply_cpu_shim()  # a second call changes nothing
+        assert (torch.cuda.current_device, torch.Tensor.cuda) == patched[:2]
+        assert all(p is not o for p, o in zip(patched, originals, strict=True))
+        assert torch.cuda.current_device() == "cpu"
+        assert mutils.torch is not torch  # the module's torch redirects device="cuda"
+        mask = _cuda_literal_mask()
+        assert mask.device.type == "cpu"
+        assert mask.tolist()[3] == [True, True, False, False]  # True = masked
+        import megatron.core.tensor_parallel.layers as unlisted
+
+        assert unlisted.torch is torch  # modules not listed keep plain torch
+        if not torch.cuda.is_available():
+            with pytest.raises((AssertionError, RuntimeError)):  # and so does this module
+                torch.zeros(1, device="cuda")
+
+        accelerator.remove_cpu_shim()
+        restored = (torch.cuda.current_device, torch.Tensor.cuda, tp_random._set_cuda_rng_state)
+        assert all(r is o for r, o in zip(restored, originals, strict=True))
+        assert mutils.torch is torch and not accelerator.shim_applied()
+    finally:
+        if was_applied:
+            accelerator.apply_cpu_shim()
+
+
+def test_cpu_shim_on_a_cuda_machine_hides_cuda(monkeypatch):
+    """``--device cpu`` / ``MEGATRON_PRUNE_DEVICE=cpu`` on a GPU node: the shim applies (it used
+    to refuse) and megatron-core then sees no CUDA, so it takes its CPU branches."""
+    from megatron_prune import accelerator
+
+    was_applied = accelerator.shim_applied()
+    accelerator.remove_cpu_shim()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # simulate a CUDA machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setenv("MEGATRON_PRUNE_DEVICE", "cpu")
+    try:
+        accel = accelerator.prepare()
+        assert accel.kind == "cpu" and accelerator.shim_applied()
+        assert not torch.cuda.is_available() and torch.cuda.device_count() == 0
+        assert torch.cuda.current_device() == "cpu"
+        assert _cuda_literal_mask().device.type == "cpu"
+        accelerator.remove_cpu_shim()
+        assert torch.cuda.is_available() and torch.cuda.device_count() == 8
+    finally:
+        accelerator.remove_cpu_shim()
+        monkeypatch.undo()
+        if was_applied:
+            accelerator.apply_cpu_shim()
 
 
 def test_accelerator_rejects_unknown_device():
     from megatron_prune.accelerator import detect
 
-    with pytest.raises(ValueError, match="unknown device"):
+    with pytest.raises(UserError, match="unknown device"):
         detect("tpu")
 
 
@@ -168,5 +230,5 @@ def test_hill_estimator_recovers_a_power_law():
     assert abs(hill_alpha(eigs, 0)[0] - alpha) < 0.05
     assert abs(esd_alpha(eigs, "xmin_mid") - alpha) < 0.1
     assert abs(esd_alpha(eigs, "xmin_peak") - alpha) < 0.2
-    with pytest.raises(ValueError, match="unknown ESD method"):
+    with pytest.raises(UserError, match="unknown ESD method"):
         esd_alpha(eigs, "xmin_max")

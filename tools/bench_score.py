@@ -77,10 +77,8 @@ def main() -> None:
     def run(hooked: bool) -> float:
         hooks = None
         if hooked:
-            hooks = ImportanceHooks(
-                model.chunks, model.arch, set(args.metrics), RankView.current(False)
-            )
-            hooks.seq_len = args.seq_len
+            hooks = ImportanceHooks(model.chunks, model.arch, set(args.metrics),
+                                    RankView.current(False), seq_len=args.seq_len)  # fmt: skip
         sync()
         t0 = time.perf_counter()
         for batch in samples.split(args.micro_batch_size * 2):  # two micro-batches per call

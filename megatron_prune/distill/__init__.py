@@ -1,1 +1,3 @@
-"""Online knowledge distillation: vocabulary-parallel KL (the teacher+student loop is next)."""
+"""Online knowledge distillation: vocabulary-parallel KL and cross-entropy (``kl``, ``loss``),
+the teacher+student pipeline pair (``pair``), the training loop on megatron-core's schedules,
+DDP and optimizers (``trainer``), its checkpoints (``state``) and metrics (``metrics``)."""

@@ -30,30 +30,46 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.distributed import ProcessGroup
+
+from megatron_prune.errors import UserError
 
 _NEG = torch.finfo(torch.float32).min
 
 
-class VocabMismatchError(ValueError):
+class VocabMismatchError(UserError):
     pass
 
 
-def _all_reduce(x: torch.Tensor, group, op=torch.distributed.ReduceOp.SUM) -> torch.Tensor:
-    if group is not None and torch.distributed.get_world_size(group) > 1:
+def _check_group(group: ProcessGroup) -> None:
+    """The vocabulary's TP group must be named: torch reads ``group=None`` as the whole world,
+    which is never the vocabulary split here (a whole vocabulary is a group of one, e.g.
+    megatron's TP group at TP=1)."""
+    if group is None:
+        raise TypeError(
+            "pass the process group the vocabulary is split over (megatron's tensor-parallel "
+            "group; at TP=1 a group of one), not None"
+        )
+
+
+def _all_reduce(
+    x: torch.Tensor, group: ProcessGroup, op=torch.distributed.ReduceOp.SUM
+) -> torch.Tensor:
+    if torch.distributed.get_world_size(group) > 1:
         torch.distributed.all_reduce(x, op=op, group=group)
     return x
 
 
-def _log_partition(x: torch.Tensor, group) -> torch.Tensor:
+def _log_partition(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """log sum_v exp(x_v) over the whole (split) vocabulary; x: [c, V/t] -> [c]."""
     peak = _all_reduce(x.amax(-1), group, torch.distributed.ReduceOp.MAX)
     return peak + torch.log(_all_reduce(torch.exp(x - peak[:, None]).sum(-1), group))
 
 
-def _top_k_threshold(t: torch.Tensor, k: int, group) -> torch.Tensor:
+def _top_k_threshold(t: torch.Tensor, k: int, group: ProcessGroup) -> torch.Tensor:
     """[c, 1]: the k-th largest teacher logit of each row over the whole vocabulary."""
     local = t.topk(min(k, t.shape[-1]), dim=-1).values
-    if group is not None and torch.distributed.get_world_size(group) > 1:
+    if torch.distributed.get_world_size(group) > 1:
         parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]
         torch.distributed.all_gather(parts, local.contiguous(), group=group)
         local = torch.cat(parts, -1)
@@ -63,7 +79,7 @@ def _top_k_threshold(t: torch.Tensor, k: int, group) -> torch.Tensor:
 @dataclass(frozen=True)
 class _Spec:
     kind: str  # "forward" | "reverse" | "ce"
-    group: object
+    group: ProcessGroup
     vocab_start: int
     vocab_size: int | None
     temperature: float
@@ -164,7 +180,7 @@ def vocab_parallel_kl(
     student: torch.Tensor,
     teacher: torch.Tensor,
     *,
-    group=None,
+    group: ProcessGroup,
     vocab_start: int = 0,
     vocab_size: int | None = None,
     temperature: float = 1.0,
@@ -179,7 +195,10 @@ def vocab_parallel_kl(
     vocabulary: ids at or beyond it are padding and get no probability. Teacher and student must
     share the (padded) split; a genuinely different vocabulary is refused. ``top_k`` restricts
     the teacher to its k most likely tokens (forward KL only). The teacher gets no gradient.
+    ``group`` (required) is the group the vocabulary is split over; collectives are skipped
+    when it has one rank.
     """
+    _check_group(group)
     if student.shape != teacher.shape:
         raise VocabMismatchError(
             f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
@@ -205,14 +224,15 @@ def vocab_parallel_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    group=None,
+    group: ProcessGroup,
     vocab_start: int = 0,
     vocab_size: int | None = None,
     chunk_tokens: int = 1024,
 ) -> torch.Tensor:
     """Per-token LM cross-entropy -log softmax(logits)[label] over TP-split logits [..., V/t],
     chunked like :func:`vocab_parallel_kl`; padding ids (>= vocab_size) get no probability,
-    unlike Megatron's own vocab-parallel cross-entropy."""
+    unlike Megatron's own vocab-parallel cross-entropy. ``group`` as for the KL."""
+    _check_group(group)
     spec = _Spec(kind="ce", group=group, vocab_start=vocab_start, vocab_size=vocab_size,
                  temperature=1.0, scale=1.0, top_k=None, chunk=chunk_tokens)  # fmt: skip
     width = logits.shape[-1]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
+from torch.distributed import ProcessGroup
 
 from megatron_prune.models.arch import ModelArch
 
@@ -37,7 +38,7 @@ class RankView:
     tp_rank: int
     dp_rank: int
     sequence_parallel: bool
-    tp_group: object
+    tp_group: ProcessGroup
 
     @classmethod
     def current(cls, sequence_parallel: bool) -> RankView:
@@ -55,12 +56,21 @@ class RankView:
         return self.sequence_parallel or self.tp_rank == 0
 
 
-def all_reduce_sum(t: torch.Tensor, device: torch.device, group=None) -> torch.Tensor:
-    """SUM over ``group`` (default: the world) on ``device`` (NCCL wants GPU tensors, gloo CPU
-    ones); returns a CPU copy."""
+def all_reduce_sum(t: torch.Tensor, device: torch.device, *, group: ProcessGroup) -> torch.Tensor:
+    """SUM over ``group`` on ``device`` (NCCL wants GPU tensors, gloo CPU ones); returns a CPU
+    copy.
+
+    ``group`` is required and never None: torch reads None as "the whole world" while this
+    project's losses once read it as "no reduction", so every caller names its group
+    (``torch.distributed.group.WORLD`` for the world). Needs torch.distributed initialised.
+    """
+    if group is None:
+        raise TypeError(
+            "all_reduce_sum needs an explicit process group (torch.distributed.group.WORLD for "
+            "the whole world; is torch.distributed initialised?)"
+        )
     t = t.to(device).clone()
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, group=group)
+    torch.distributed.all_reduce(t, group=group)
     return t.cpu()
 
 
@@ -90,9 +100,13 @@ class Sums:
         self.tensors = {k: v.to(self.device, torch.float64).clone() for k, v in tensors.items()}
 
     def all_reduced(self) -> dict[str, torch.Tensor]:
-        """World-wide sums (collective), as CPU tensors."""
+        """World-wide sums (collective), as CPU tensors: every rank added only its own share."""
         self.flush()
-        return {k: all_reduce_sum(self.tensors[k], self.device) for k in sorted(self.tensors)}
+        world = torch.distributed.group.WORLD
+        return {
+            k: all_reduce_sum(self.tensors[k], self.device, group=world)
+            for k in sorted(self.tensors)
+        }
 
 
 def _abs_sum(x: torch.Tensor) -> torch.Tensor:
@@ -146,15 +160,28 @@ def stat_shapes(arch: ModelArch, metrics: set[str]) -> dict[str, tuple[int, ...]
 
 
 class ImportanceHooks:
-    """Registers the hooks on this rank's model chunks; ``remove()`` takes them off."""
+    """Registers the hooks on this rank's model chunks; ``remove()`` takes them off.
+
+    ``seq_len`` is the full (not sequence-parallel-local) length of every calibration sample.
+    It is a required argument because the Minitron channel score divides by it: a forgotten
+    value used to default to 0 and give infinite scores without any error.
+    """
 
     def __init__(
-        self, chunks: list[torch.nn.Module], arch: ModelArch, metrics: set[str], view: RankView
+        self,
+        chunks: list[torch.nn.Module],
+        arch: ModelArch,
+        metrics: set[str],
+        view: RankView,
+        *,
+        seq_len: int,
     ) -> None:
+        if seq_len < 1:
+            raise ValueError(f"ImportanceHooks needs the samples' length >= 1, got {seq_len}")
         self.arch, self.metrics, self.view = arch, metrics, view
         self.shapes = stat_shapes(arch, metrics)
         self.sums = Sums(self.shapes, next(chunks[0].parameters()).device)
-        self.seq_len = 0  # full sequence length of the current micro-batch (set by the driver)
+        self.seq_len = seq_len
         self.handles: list = []
         for chunk in chunks:
             for layer in chunk.decoder.layers:

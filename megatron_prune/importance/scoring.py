@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 from safetensors.torch import load_file, save_file
 
 from megatron_prune.checkpoint.atomic import OutputExistsError, write_text_atomic
+from megatron_prune.errors import ScoreError
 from megatron_prune.evaluate.perplexity import window_nll_sum
 from megatron_prune.importance.calibration import file_sha256, packed_samples
 from megatron_prune.importance.esd import MATRICES, esd_alpha, gram_eigenvalues, layer_matrices
@@ -38,10 +39,6 @@ DEFAULT_METRICS = ("channel", "head", "group", "neuron", "layer", "post_norm")
 SCORES_FILE, META_FILE = "scores.safetensors", "meta.json"
 PARTIAL_FILE, PARTIAL_META = "partial.safetensors", "partial.json"
 FORMAT_VERSION = 1
-
-
-class ScoreError(ValueError):
-    pass
 
 
 @dataclass
@@ -121,7 +118,7 @@ def layer_ppl(
         nll = torch.zeros(1, dtype=torch.float64)
         for row in mine:
             nll += window_nll_sum(chunks, row.tolist(), arch.vocab_size)
-        nll = all_reduce_sum(nll, device, parallel_state.get_data_parallel_group())
+        nll = all_reduce_sum(nll, device, group=parallel_state.get_data_parallel_group())
         return float(torch.exp(nll / tokens))
 
     def skip(_m, args, kwargs, output):
@@ -149,7 +146,7 @@ def esd_scores(
                 eigs = gram_eigenvalues(w, split_rows, view.tp_group)
                 if view.tp_rank == 0 and view.dp_rank == 0:  # one contribution per layer
                     alphas[layer.layer_number - 1, j] = esd_alpha(eigs.cpu(), method)
-    alphas = all_reduce_sum(alphas, device)
+    alphas = all_reduce_sum(alphas, device, group=torch.distributed.group.WORLD)
     return {"esd/alpha": alphas.float(), "esd/block_alpha": alphas.mean(1).float()}
 
 
@@ -171,8 +168,7 @@ def run_score_job(job: ScoreJob, model, tokenizer, layout, resume: bool, overwri
 
     view = RankView.current(layout.sequence_parallel)
     dp = parallel_state.get_data_parallel_world_size()
-    hooks = ImportanceHooks(model.chunks, arch, metrics, view)
-    hooks.seq_len = job.seq_len
+    hooks = ImportanceHooks(model.chunks, arch, metrics, view, seq_len=job.seq_len)
     if loaded and torch.distributed.get_rank() == 0:
         hooks.sums.load(loaded)  # the world's sums so far live on one rank only
     per_rank = job.micro_batches * job.micro_batch_size  # samples per rank per round

@@ -58,18 +58,33 @@ class PerLayerTransformerConfig(TransformerConfig):
         return self._layer_configs[layer_number]
 
 
+def batched_p2p_supported() -> bool:
+    """Whether pipeline stages may use batched point-to-point (``batch_isend_irecv``): not on
+    gloo (the CPU path), where batched p2p gave wrong numbers with interleaved pipelines; yes on
+    NCCL and HCCL, where it is Megatron's default. Without a pipeline group (or torch.distributed)
+    there is no p2p to batch and the answer is Megatron's default."""
+    if not torch.distributed.is_initialized():
+        return True
+    group = parallel_state.get_pipeline_model_parallel_group(check_initialized=False)
+    if group is None:
+        return True
+    return torch.distributed.get_backend(group) != "gloo"
+
+
 def transformer_config(
     arch: ModelArch,
     *,
     sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.float32,
-    cpu: bool = True,
+    cpu_initialization: bool = True,
     initialize: bool = True,
 ) -> TransformerConfig:
     """The TransformerConfig for ``arch`` at the current parallel state.
 
-    Fusions that need CUDA kernels are off; on the CPU, point-to-point pipeline communication is
-    unbatched (batched p2p gave wrong numbers with interleaved pipelines on gloo).
+    Fusions that need CUDA kernels are off. ``cpu_initialization`` only says where parameters
+    are created (then moved to the device); it does not decide how pipeline stages talk: that
+    follows the pipeline group's backend (:func:`batched_p2p_supported`), so GPU and NPU runs
+    keep Megatron's batched p2p even when their parameters are created on the CPU.
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -112,7 +127,7 @@ def transformer_config(
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
-        use_cpu_initialization=cpu,
+        use_cpu_initialization=cpu_initialization,
         perform_initialization=initialize,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -121,7 +136,7 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
-        batch_p2p_comm=not cpu,
+        batch_p2p_comm=batched_p2p_supported(),
         **per_layer,
     )
 
@@ -169,12 +184,11 @@ def build_model(
 ) -> list[GPTModel]:
     """This rank's model chunks (one unless a virtual pipeline is in use), in eval mode.
     ``initialize=False`` skips random initialisation when weights are loaded right after."""
-    cpu = device is None or device.type == "cpu"
     config = transformer_config(
         arch,
         sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
-        cpu=cpu,
+        cpu_initialization=device is None or device.type == "cpu",
         initialize=initialize,
     )
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import load_file
 
 
 def prune(work: Path, name: str, scores: str, target: dict, *flags: str) -> Path:
@@ -23,24 +24,47 @@ def prune(work: Path, name: str, scores: str, target: dict, *flags: str) -> Path
     return work / name
 
 
-def logits(ckpt: Path, tokens: torch.Tensor, skip: int | None = None) -> torch.Tensor:
+def logits(
+    ckpt: Path,
+    tokens: torch.Tensor,
+    skip: int | None = None,
+    post_norm_scales: list[tuple[float, float]] | None = None,
+) -> torch.Tensor:
+    """Full logits of ``ckpt``; ``skip`` bypasses one layer; ``post_norm_scales`` (one
+    (attention, MLP) inverse RMS per layer) replaces every post-norm RMSNorm(y) by Eq. 8's
+    constant-scale stand-in y * inv_rms * gamma, which is what absorption folds into the
+    projections: a sandwich model run so must give the absorbed model's logits."""
     from megatron_prune.checkpoint.megatron_io import load_model
     from megatron_prune.distributed import ParallelLayout, initialize
     from megatron_prune.evaluate.forward import full_logits
+    from megatron_prune.surgery.norms import gamma_of
 
     initialize(ParallelLayout(), "cpu")
     model = load_model(ckpt)
-    handle = None
+    handles = []
     if skip is not None:
 
         def bypass(_m, args, kwargs, output):
             return (args[0] if args else kwargs["hidden_states"], output[1])
 
-        handle = (
+        handles.append(
             model.chunks[0].decoder.layers[skip].register_forward_hook(bypass, with_kwargs=True)
         )
+    if post_norm_scales is not None:
+        layers = model.chunks[0].decoder.layers
+        assert len(layers) == len(post_norm_scales)
+        for layer, scales in zip(layers, post_norm_scales, strict=True):
+            projections = (layer.self_attention.linear_proj, layer.mlp.linear_fc2)
+            for proj, inv in zip(projections, scales, strict=True):
+                gamma = gamma_of(proj.post_norm.weight.detach(), model.arch.zero_centered_gamma)
+                scale = (inv * gamma).float()
+
+                def constant(_m, inputs, _output, scale=scale):
+                    return inputs[0] * scale.to(inputs[0].dtype)
+
+                handles.append(proj.post_norm.register_forward_hook(constant))
     out = full_logits(model.chunks, tokens, model.arch.vocab_size)
-    if handle is not None:
+    for handle in handles:
         handle.remove()
     return out
 
@@ -71,10 +95,20 @@ def main() -> None:
 
     absorbed = prune(work, "absorbed", "ref", target, "--clap", "--slnp", "--absorb-post-norms")
     out = logits(absorbed, tokens)
-    report["absorbed_finite"] = bool(torch.isfinite(out).all())
-    report["absorbed_meta"] = json.loads((absorbed / "megatron_prune.json").read_text())["arch"][
-        "post_norms"
-    ]
+    absorbed_meta = json.loads((absorbed / "megatron_prune.json").read_text())
+    report["absorbed_meta"] = absorbed_meta["arch"]["post_norms"]
+    # reference: the same prune without absorption (`a`, a sandwich model) with each kept
+    # layer's post-norms replaced by their constant scales from the scores (original indices)
+    scores = load_file(str(work / "ref" / "scores.safetensors"))
+    kept = absorbed_meta["provenance"]["kept_layers"]
+    attn_inv, mlp_inv = scores["post_norm/attn_inv_rms"], scores["post_norm/mlp_inv_rms"]
+    scales = [(float(attn_inv[i]), float(mlp_inv[i])) for i in kept]
+    stand_in = logits(a, tokens, post_norm_scales=scales)
+    report["absorbed_vs_constant_scale_max_diff"] = float((out - stand_in).abs().max())
+    report["absorbed_logit_scale"] = float(stand_in.abs().max())
+    # and the sandwich itself differs (its post-norm inputs have no constant RMS): the
+    # comparison above can tell absorbed from unabsorbed
+    report["absorbed_vs_sandwich_max_diff"] = float((out - logits(a, tokens)).abs().max())
     if torch.distributed.get_rank() == 0:
         (work / "prune_report.json").write_text(json.dumps(report, indent=2))
     torch.distributed.destroy_process_group()
