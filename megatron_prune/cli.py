@@ -159,7 +159,9 @@ def _shutdown() -> None:
     import torch
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        from megatron_prune.distributed import shutdown
+
+        shutdown()
 
 
 if __name__ == "__main__":

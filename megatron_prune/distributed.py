@@ -141,3 +141,16 @@ def initialize(layout: ParallelLayout, device: str | None = None, seed: int = 12
 
 
 _CURRENT_LAYOUT: tuple | None = None
+
+
+def shutdown() -> None:
+    """Tear down Megatron's parallel state and the default process group, so a later
+    :func:`initialize` in the same process starts afresh."""
+    global _CURRENT_LAYOUT
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    _CURRENT_LAYOUT = None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

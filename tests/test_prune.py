@@ -30,6 +30,11 @@ def test_pruned_checkpoint_does_not_depend_on_layouts(report):
     assert report["layouts_keys_equal"] and report["layouts_unequal"] == []
 
 
+def test_surgery_on_the_shards_equals_the_whole_model_surgery(report):
+    # written at TP=1, TP=2 and PP=2, each rank reading only its own layers: bit for bit
+    assert report["shards_vs_whole_unequal"] == []
+
+
 def test_absorbed_model_equals_the_sandwich_with_constant_post_norm_scales(report):
     assert report["absorbed_meta"] is False  # written, and run, without post-norms
     scale = report["absorbed_logit_scale"]

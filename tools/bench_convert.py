@@ -29,11 +29,11 @@ def main() -> None:
     from megatron_prune.checkpoint.megatron_io import save_chunks
     from megatron_prune.checkpoint.sharding import load_full_state
     from megatron_prune.checkpoint.sources import open_source
-    from megatron_prune.commands.convert import to_hf, to_megatron
     from megatron_prune.data.corpus import cache_dir
     from megatron_prune.data.models import smollm2_135m_gguf
     from megatron_prune.distributed import ParallelLayout, initialize
     from megatron_prune.models.gpt import build_model
+    from megatron_prune.stages.convert import to_hf, to_megatron
 
     hf_dir = cache_dir() / "models" / "smollm2_hf"
     if not hf_dir.is_dir():

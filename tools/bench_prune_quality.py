@@ -55,7 +55,6 @@ def main() -> None:
     from megatron_prune.checkpoint.megatron_io import load_model
     from megatron_prune.checkpoint.sharding import load_full_state
     from megatron_prune.checkpoint.sources import open_source
-    from megatron_prune.commands.convert import to_megatron
     from megatron_prune.data.corpus import cache_dir, write_splits
     from megatron_prune.data.models import gemma3_270m_gguf, smollm2_135m_gguf
     from megatron_prune.data.tokenizer import load_tokenizer
@@ -64,6 +63,7 @@ def main() -> None:
     from megatron_prune.importance.scoring import ScoreJob, load_scores, run_score_job
     from megatron_prune.models.arch import ModelArch
     from megatron_prune.models.gpt import build_model
+    from megatron_prune.stages.convert import to_megatron
     from megatron_prune.surgery.prune import PruneOptions, prune_model
     from megatron_prune.surgery.target import load_target
 

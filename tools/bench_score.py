@@ -36,7 +36,6 @@ def main() -> None:
 
     from megatron_prune.checkpoint.megatron_io import load_model
     from megatron_prune.checkpoint.sources import open_source
-    from megatron_prune.commands.convert import to_megatron
     from megatron_prune.data.corpus import cache_dir, write_splits
     from megatron_prune.data.models import smollm2_135m_arch, smollm2_135m_gguf
     from megatron_prune.data.tokenizer import load_tokenizer
@@ -45,6 +44,7 @@ def main() -> None:
     from megatron_prune.importance.calibration import packed_samples
     from megatron_prune.importance.hooks import ImportanceHooks, RankView
     from megatron_prune.models.gpt import build_model
+    from megatron_prune.stages.convert import to_megatron
 
     SMOLLM2 = smollm2_135m_arch()
 

@@ -22,11 +22,11 @@ def check(device: str, text_file: Path, out: Path) -> None:
 
     from megatron_prune.checkpoint.megatron_io import load_model
     from megatron_prune.checkpoint.sources import open_source
-    from megatron_prune.commands.convert import to_megatron
     from megatron_prune.data.tokenizer import load_tokenizer
     from megatron_prune.distributed import ParallelLayout, initialize
     from megatron_prune.evaluate.forward import full_logits
     from megatron_prune.importance.scoring import ALL_METRICS, ScoreJob, run_score_job
+    from megatron_prune.stages.convert import to_megatron
     from tests.tiny_models import make_hf_model, save_hf_model, save_word_tokenizer
 
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -18,12 +18,8 @@ from collections.abc import Mapping
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-)
 
+from megatron_prune.models.partition import partition_dim
 from megatron_prune.models.weight_map import WeightMapError
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -36,15 +32,6 @@ def global_name(chunk: torch.nn.Module, local_name: str) -> str:
         return local_name
     layer = chunk.decoder.layers[int(m.group(1))]
     return f"decoder.layers.{layer.layer_number - 1}." + local_name[m.end() :]
-
-
-def partition_dim(module: torch.nn.Module, param_name: str) -> int | None:
-    """The TP-split axis of ``module``'s own parameter ``param_name`` (None: replicated)."""
-    if isinstance(module, (VocabParallelEmbedding, ColumnParallelLinear)):
-        return 0
-    if isinstance(module, RowParallelLinear) and param_name == "weight":
-        return 1
-    return None
 
 
 def shard(full: torch.Tensor, dim: int | None, name: str, tp_rank: int, tp: int) -> torch.Tensor:
@@ -67,24 +54,57 @@ def parameters_with_split(chunk: torch.nn.Module):
             yield name, param, partition_dim(module, param_name)
 
 
-def load_full_state(chunks: list[torch.nn.Module], full: Mapping[str, torch.Tensor]) -> None:
-    """Fill this rank's chunks from whole Megatron tensors; every parameter must be covered.
-    Parameters may share storage with ``full`` afterwards: treat ``full`` as handed over."""
+def tp_rows(rows: int) -> tuple[int, int]:
+    """This rank's block ``(start, stop)`` of ``rows`` rows split over tensor parallelism."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    return rank * rows // tp, (rank + 1) * rows // tp
+
+
+def fill_parameters(
+    chunks: list[torch.nn.Module],
+    whole: Mapping[str, torch.Tensor],
+    already_sharded: frozenset[str] = frozenset(),
+) -> set[str]:
+    """Fill the parameters of this rank's chunks that ``whole`` (global names) holds; return the
+    names filled. Tensors named in ``already_sharded`` are this rank's shard already. Parameters
+    may share storage with ``whole`` afterwards: treat it as handed over."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    filled = set()
     for chunk in chunks:
         for local, param, dim in parameters_with_split(chunk):
             name = global_name(chunk, local)
             source = name
-            if name == "output_layer.weight" and name not in full:
+            if name == "output_layer.weight" and name not in whole:
                 source = "embedding.word_embeddings.weight"  # tied: last stage keeps a copy
-            if source not in full:
-                raise WeightMapError(f"no source tensor for Megatron parameter {name!r}")
-            piece = shard(full[source], dim, name, tp_rank, tp)
+            if source not in whole:
+                continue
+            piece = whole[source]
+            if source not in already_sharded:
+                piece = shard(piece, dim, name, tp_rank, tp)
             if piece.shape != param.shape:
-                raise WeightMapError(
-                    f"{name}: source shard {tuple(piece.shape)} != parameter {tuple(param.shape)}"
+                raise RuntimeError(
+                    f"{name}: shard {tuple(piece.shape)} != parameter {tuple(param.shape)}"
                 )
             # Adopt the shard's storage instead of copying it when it already has the parameter's
-            # dtype and device (whole tensors at TP=1): conversion moves each byte once.
-            param.data = piece.to(device=param.device, dtype=param.dtype).contiguous()
+            # dtype and device (whole tensors at TP=1): conversion moves each byte once. A view
+            # into a larger whole tensor is copied, or the parameter would keep the whole alive.
+            piece = piece.to(device=param.device, dtype=param.dtype).contiguous()
+            if piece.untyped_storage().nbytes() > piece.nbytes:
+                piece = piece.clone()
+            param.data = piece
+            filled.add(name)
+    return filled
+
+
+def parameter_names(chunks: list[torch.nn.Module]) -> set[str]:
+    """Global names of every parameter of this rank's chunks."""
+    return {global_name(c, local) for c in chunks for local, _, _ in parameters_with_split(c)}
+
+
+def load_full_state(chunks: list[torch.nn.Module], full: Mapping[str, torch.Tensor]) -> None:
+    """Fill this rank's chunks from whole Megatron tensors; every parameter must be covered."""
+    missing = parameter_names(chunks) - fill_parameters(chunks, full)
+    if missing:
+        raise WeightMapError(f"no source tensor for Megatron parameters {sorted(missing)[:3]}")

@@ -105,3 +105,12 @@ def open_source(spec: str) -> Source:
         f"cannot tell what {spec} is: expected gguf:FILE, a Hugging Face folder with config.json, "
         f"or a megatron-prune checkpoint with {METADATA_FILE}"
     )
+
+
+def write_description(directory: Path, meta: CheckpointMeta, tokenizer_source: Source) -> None:
+    """The one writer of what makes a dist checkpoint one of ours: ``tokenizer/`` (copied or
+    built from ``tokenizer_source``) and ``megatron_prune.json`` recording it."""
+    from dataclasses import replace
+
+    tokenizer = tokenizer_source.save_tokenizer(directory / TOKENIZER_DIR)
+    replace(meta, tokenizer=tokenizer or meta.tokenizer).write(directory)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_prune.commands.common import (
-    add_checkpoint_args,
-    open_checkpoint,
-    world_size_needed,
-)
+from megatron_prune import api
+from megatron_prune.commands.common import add_checkpoint_args, world_size_needed
 from megatron_prune.commands.common import validate_checkpoint as validate
+from megatron_prune.distributed import layout_from_args
 
 __all__ = ["add_arguments", "run", "validate", "world_size_needed"]
 
@@ -21,17 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from megatron_prune.data.tokenizer import load_tokenizer
-    from megatron_prune.evaluate.generate import greedy_generate
     from megatron_prune.log import is_rank0
 
-    tokenizer = load_tokenizer(args.checkpoint)
-    model = open_checkpoint(args)
-    ids = tokenizer.encode(args.prompt)
-    if model.arch.needs_bos and tokenizer.bos_id is not None:
-        ids = [tokenizer.bos_id, *ids]
-    new = greedy_generate(
-        model.chunks, ids, args.max_new_tokens, model.arch.vocab_size, tokenizer.eos_id
-    )
+    text = api.generate(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
+                        layout=layout_from_args(args), device=args.device)  # fmt: skip
     if is_rank0():
-        print(args.prompt + tokenizer.decode(new), flush=True)
+        print(text, flush=True)

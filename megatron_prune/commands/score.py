@@ -4,15 +4,10 @@ from calibration activations, at any TP x PP x DP (x SP) layout."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from megatron_prune.commands.common import (
-    add_checkpoint_args,
-    open_checkpoint,
-    validate_checkpoint,
-    world_size_needed,
-)
-from megatron_prune.errors import UserError
+from megatron_prune import api
+from megatron_prune.commands.common import add_checkpoint_args, world_size_needed
+from megatron_prune.distributed import layout_from_args
 
 __all__ = ["add_arguments", "run", "validate", "world_size_needed"]
 
@@ -47,39 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def validate(args: argparse.Namespace) -> None:
-    from megatron_prune.checkpoint.atomic import check_output
-    from megatron_prune.checkpoint.metadata import CheckpointMeta
-
-    validate_checkpoint(args)
-    if CheckpointMeta.read(args.checkpoint).arch.heterogeneous:
-        raise UserError(
-            f"{args.checkpoint} has per-layer widths (a heterogeneous pruned model): scoring it "
-            "is not supported (scores are [layers, units] tables); prune the uniform source "
-            "model with its scores instead"
-        )
-    if not Path(args.data).is_file():
-        raise UserError(f"--data {args.data} does not exist")
-    if Path(args.data).stat().st_size == 0:
-        raise UserError(f"--data {args.data} is empty")
-    check_output(Path(args.out), args.overwrite)
-    partial = Path(args.out).with_name(Path(args.out).name + ".partial") / "partial.json"
-    if args.resume and not partial.is_file():
-        raise UserError(f"--resume: no partial run to continue ({partial} missing)")
+    api.check_score(args.checkpoint, args.data, args.out, layout=layout_from_args(args),
+                    resume=args.resume, overwrite=args.overwrite)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> None:
-    from megatron_prune.data.tokenizer import load_tokenizer
-    from megatron_prune.distributed import layout_from_args
-    from megatron_prune.importance.scoring import ScoreJob, run_score_job
-
-    validate(args)
-    job = ScoreJob(
-        checkpoint=str(Path(args.checkpoint).resolve()), data=args.data, samples=args.samples,
-        seq_len=args.seq_len, out=args.out, metrics=sorted(set(args.metrics)), seed=args.seed,
-        micro_batches=args.micro_batches, micro_batch_size=args.micro_batch_size,
-        save_every=args.save_every, stop_after=args.stop_after,
-        esd_method=args.esd_method, ppl_samples=args.ppl_samples,
+    api.score(
+        args.checkpoint, args.data, args.out, samples=args.samples, seq_len=args.seq_len,
+        metrics=args.metrics, seed=args.seed, micro_batches=args.micro_batches,
+        micro_batch_size=args.micro_batch_size, save_every=args.save_every,
+        stop_after=args.stop_after, esd_method=args.esd_method, ppl_samples=args.ppl_samples,
+        resume=args.resume, overwrite=args.overwrite, layout=layout_from_args(args),
+        device=args.device,
     )  # fmt: skip
-    tokenizer = load_tokenizer(args.checkpoint)
-    model = open_checkpoint(args)
-    run_score_job(job, model, tokenizer, layout_from_args(args), args.resume, args.overwrite)

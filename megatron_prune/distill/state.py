@@ -29,7 +29,7 @@ from megatron_prune.checkpoint.megatron_io import (
     sharded_model_state,
 )
 from megatron_prune.checkpoint.metadata import CheckpointMeta
-from megatron_prune.checkpoint.sources import TOKENIZER_DIR, open_source
+from megatron_prune.checkpoint.sources import open_source, write_description
 
 TRAINER_FILE = "trainer.json"
 _STEP_DIR = re.compile(r"step_(\d+)$")
@@ -104,8 +104,7 @@ def save_student(target: Path, chunks: list[torch.nn.Module], meta: CheckpointMe
 
 def _write_description(directory: Path, meta: CheckpointMeta, tokenizer_from: Path) -> None:
     """What makes a dist checkpoint one of ours: metadata and the source's tokenizer."""
-    meta.write(directory)
-    open_source(str(tokenizer_from)).save_tokenizer(directory / TOKENIZER_DIR)
+    write_description(directory, meta, open_source(str(tokenizer_from)))
 
 
 def _inner_optimizers(optimizer) -> list:

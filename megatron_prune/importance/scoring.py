@@ -248,6 +248,11 @@ def load_scores(directory: str | Path, arch: ModelArch | None = None) -> dict[st
     if not meta_path.is_file():
         raise ScoreError(f"{directory} holds no scores ({META_FILE} missing)")
     meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ScoreError(
+            f"{directory}: score format version {meta.get('format_version')} is not "
+            f"{FORMAT_VERSION} (written by another megatron-prune version): score again"
+        )
     if arch is not None:
         theirs = ModelArch.from_dict(meta["arch"])
         if theirs != arch:

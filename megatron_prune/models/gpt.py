@@ -209,7 +209,7 @@ def tag_tensor_parallel_params(chunk: torch.nn.Module) -> None:
     optimizer's gradient norm counts TP-split weights on TP rank 0 only."""
     from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 
-    from megatron_prune.checkpoint.sharding import partition_dim
+    from megatron_prune.models.partition import partition_dim
 
     for module in chunk.modules():
         for name, param in module.named_parameters(recurse=False):

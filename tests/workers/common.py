@@ -8,8 +8,8 @@ import torch
 def convert(src: str, ckpt: Path, layout: dict) -> None:
     """Convert ``src`` to a Megatron checkpoint at ``layout`` (collective)."""
     from megatron_prune.checkpoint.sources import open_source
-    from megatron_prune.commands.convert import to_megatron
     from megatron_prune.distributed import ParallelLayout
+    from megatron_prune.stages.convert import to_megatron
 
     to_megatron(open_source(src), ckpt, ParallelLayout(**layout), overwrite=True, device="cpu")
 

@@ -34,9 +34,9 @@ LAYOUTS = {
 
 
 def whole(ckpt: Path) -> dict[str, torch.Tensor]:
-    from megatron_prune.commands.convert import megatron_whole_state
+    from megatron_prune.stages.convert import whole_state
 
-    return megatron_whole_state(ckpt)
+    return whole_state(ckpt)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -123,7 +123,7 @@ def export(ckpt: Path, out: Path, tokens: torch.Tensor) -> dict:
     """Write ``ckpt`` as a Hugging Face folder, save its Megatron logits for the test, and read
     the folder back: the same architecture and tensors."""
     from megatron_prune.checkpoint.sources import open_source
-    from megatron_prune.commands.convert import to_hf
+    from megatron_prune.stages.convert import to_hf
     from tests.workers.common import logits_at
 
     model, logits = logits_at(ckpt, {}, tokens)

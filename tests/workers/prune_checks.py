@@ -24,6 +24,20 @@ def prune(work: Path, name: str, scores: str, target: dict, *flags: str) -> Path
     return work / name
 
 
+def whole_reference(work: Path, target: dict, **options) -> dict[str, torch.Tensor]:
+    """The whole-model, one-process surgery (``surgery.prune_model``) of the same prune."""
+    from megatron_prune.checkpoint.metadata import CheckpointMeta
+    from megatron_prune.importance.scoring import load_scores
+    from megatron_prune.stages.convert import whole_state
+    from megatron_prune.surgery.prune import PruneOptions, prune_model
+    from megatron_prune.surgery.target import load_target
+
+    arch = CheckpointMeta.read(work / "ckpt").arch
+    result = prune_model(whole_state(work / "ckpt"), arch, load_scores(work / "ref", arch),
+                         load_target(target, arch), PruneOptions(**options))  # fmt: skip
+    return result.state
+
+
 def logits(
     ckpt: Path,
     tokens: torch.Tensor,
@@ -70,7 +84,7 @@ def logits(
 
 
 def main() -> None:
-    from megatron_prune.commands.convert import megatron_whole_state
+    from megatron_prune.stages.convert import whole_state
 
     work = Path(sys.argv[1])
     tokens = torch.randint(0, 250, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -89,9 +103,21 @@ def main() -> None:
               "num_query_groups": 2, "num_layers": 3}  # fmt: skip
     a = prune(work, "from_tp1_at_tp1", "ref", target, "--clap", "--slnp")
     b = prune(work, "from_tp2_at_tp2", "tp2", target, "--clap", "--slnp", "--tp", "2")
-    sa, sb = megatron_whole_state(a), megatron_whole_state(b)
+    sa, sb = whole_state(a), whole_state(b)
     report["layouts_keys_equal"] = sorted(sa) == sorted(sb)
     report["layouts_unequal"] = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    # surgery on the shards (each rank reads only its layers) equals the whole-model surgery
+    two_layers = {**target, "num_layers": 2}  # PP=2 needs an even layer count
+    c = prune(work, "from_tp1_at_pp2", "ref", two_layers, "--clap", "--slnp", "--pp", "2")
+    reference = whole_reference(work, target, clap=True, slnp=True)
+    reference_2 = whole_reference(work, two_layers, clap=True, slnp=True)
+    report["shards_vs_whole_unequal"] = [
+        f"{name}:{k}"
+        for name, state, ref in (("tp1", sa, reference), ("tp2", sb, reference),
+                                 ("pp2", whole_state(c), reference_2))  # fmt: skip
+        for k in set(state) | set(ref)
+        if k not in state or k not in ref or not torch.equal(state[k], ref[k])
+    ]
 
     absorbed = prune(work, "absorbed", "ref", target, "--clap", "--slnp", "--absorb-post-norms")
     out = logits(absorbed, tokens)

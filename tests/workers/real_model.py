@@ -15,9 +15,9 @@ import torch
 def main() -> None:
     from megatron_prune.checkpoint import hf
     from megatron_prune.checkpoint.sources import open_source
-    from megatron_prune.commands.convert import megatron_whole_state, to_hf, to_megatron
     from megatron_prune.distributed import ParallelLayout
     from megatron_prune.evaluate.perplexity import perplexity
+    from megatron_prune.stages.convert import to_hf, to_megatron, whole_state
     from tests.workers.common import convert, logits_at
 
     spec = json.loads(Path(sys.argv[1]).read_text())
@@ -52,7 +52,7 @@ def main() -> None:
         overwrite=True,
         device="cpu",
     )
-    a, b = megatron_whole_state(first), megatron_whole_state(work / "mcore2")
+    a, b = whole_state(first), whole_state(work / "mcore2")
     report["roundtrip_keys_equal"] = sorted(a) == sorted(b)
     report["roundtrip_unequal"] = [k for k in a if k in b and not torch.equal(a[k], b[k])]
     if torch.distributed.get_rank() == 0:

@@ -106,11 +106,11 @@ def direct_scores(model, arch, samples):
 def main() -> None:
     from megatron_prune.checkpoint.megatron_io import load_model
     from megatron_prune.checkpoint.sources import open_source
-    from megatron_prune.commands.convert import to_megatron
     from megatron_prune.data.tokenizer import load_tokenizer
     from megatron_prune.distributed import ParallelLayout, initialize
     from megatron_prune.importance.calibration import packed_samples
     from megatron_prune.importance.scoring import ScoreJob, run_score_job
+    from megatron_prune.stages.convert import to_megatron
 
     spec = json.loads(Path(sys.argv[1]).read_text())
     work = Path(spec["workdir"])

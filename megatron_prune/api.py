@@ -1,0 +1,270 @@
+"""The Python API: one function per stage, the same functions the CLI calls.
+
+Each function checks its inputs first (raising :class:`~megatron_prune.errors.UserError` before
+any work), then brings up torch.distributed and Megatron's parallel state for ``layout`` (a
+world of one in a plain process; under torchrun, every rank calls the same function with the
+same arguments) and writes its outputs atomically. A script that scores, prunes and evaluates::
+
+    from megatron_prune import api
+    from megatron_prune.distributed import ParallelLayout
+
+    api.convert("gguf:SmolLM2.gguf", "ckpt")
+    api.score("ckpt", "calibration.txt", "scores", samples=32, seq_len=512)
+    api.prune("ckpt", "scores", {"hidden_size": 448, "ffn_hidden_size": 1152}, "pruned",
+              clap=False, slnp=True)
+    print(api.perplexity("pruned", "heldout.txt").ppl)
+
+Stages still to come (see the README roadmap): ``plan`` (allocation), ``bench``, ``report``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_prune.checkpoint.atomic import check_output
+from megatron_prune.distributed import ParallelLayout
+from megatron_prune.errors import DataError, UserError
+
+__all__ = [
+    "check_convert",
+    "check_text",
+    "check_prune",
+    "check_score",
+    "convert",
+    "export_hf",
+    "generate",
+    "perplexity",
+    "prune",
+    "score",
+]
+
+
+def _layout(layout: ParallelLayout | None) -> ParallelLayout:
+    return layout or ParallelLayout()
+
+
+def check_text(path: str | Path, flag: str) -> Path:
+    """A UTF-8 text file that exists and is not empty (``flag`` names it in errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{flag} {path} does not exist")
+    if path.stat().st_size == 0:
+        raise DataError(f"{flag} {path} is empty")
+    return path
+
+
+def _read_text(path: Path, flag: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{flag} {path} is not UTF-8 text ({err.reason} at byte {err.start}): "
+                        "convert it to UTF-8") from None  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------- convert
+
+
+def check_convert(src: str, dst: str | Path, *, to: str = "megatron",
+                  layout: ParallelLayout | None = None, overwrite: bool = False):  # fmt: skip
+    """Every check of :func:`convert` that needs no tensor; returns the opened source."""
+    from megatron_prune.checkpoint.sources import open_source
+
+    layout = _layout(layout)
+    if to not in ("megatron", "hf"):
+        raise UserError(f"--to {to!r}: choose megatron or hf")
+    check_output(Path(dst), overwrite)
+    source = open_source(src)
+    if to == "hf" and layout.model_parallel_size != 1:
+        raise UserError("--to hf writes whole tensors: leave --tp/--pp at 1")
+    source.arch.check_layout(layout.tp, layout.pp, layout.vpp)
+    return source
+
+
+def convert(src: str, dst: str | Path, *, to: str = "megatron",
+            layout: ParallelLayout | None = None, device: str | None = None,
+            overwrite: bool = False) -> Path:  # fmt: skip
+    """Convert ``src`` (``gguf:FILE``, a Hugging Face folder or a megatron-prune checkpoint) to a
+    Megatron dist checkpoint written at ``layout`` (collective over its tp*pp ranks), or with
+    ``to="hf"`` to a Hugging Face folder."""
+    from megatron_prune.stages.convert import to_hf, to_megatron
+
+    layout = _layout(layout)
+    source = check_convert(src, dst, to=to, layout=layout, overwrite=overwrite)
+    if to == "hf":
+        to_hf(source, Path(dst), overwrite)
+    else:
+        to_megatron(source, Path(dst), layout, overwrite, device)
+    return Path(dst)
+
+
+def export_hf(checkpoint: str | Path, dst: str | Path, *, overwrite: bool = False) -> Path:
+    """A checkpoint as a Hugging Face folder (the family's class, or this project's remote code
+    for shapes transformers' classes cannot express)."""
+    return convert(str(checkpoint), dst, to="hf", overwrite=overwrite)
+
+
+# ----------------------------------------------------------------------------- open a model
+
+
+def open_model(checkpoint: str | Path, layout: ParallelLayout | None = None,
+               device: str | None = None):  # fmt: skip
+    """This rank's chunks of ``checkpoint`` at ``layout`` (``LoadedModel``)."""
+    from megatron_prune.checkpoint.megatron_io import load_model
+    from megatron_prune.checkpoint.metadata import CheckpointMeta
+    from megatron_prune.distributed import initialize, model_device
+
+    layout = _layout(layout)
+    CheckpointMeta.read(checkpoint).arch.check_layout(layout.tp, layout.pp, layout.vpp)
+    accel = initialize(layout, device)
+    return load_model(checkpoint, sequence_parallel=layout.sequence_parallel,
+                      device=model_device(accel), params_dtype=torch.float32)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+def perplexity(checkpoint: str | Path, data: str | Path, *, seq_len: int = 512,
+               max_tokens: int | None = None, layout: ParallelLayout | None = None,
+               device: str | None = None):  # fmt: skip
+    """Held-out perplexity of ``checkpoint`` on a UTF-8 text file (``PerplexityResult``)."""
+    from megatron_prune.data.tokenizer import load_tokenizer
+    from megatron_prune.evaluate.perplexity import perplexity as run_perplexity
+
+    data = check_text(data, "--data")
+    tokenizer = load_tokenizer(checkpoint)
+    ids = tokenizer.encode(_read_text(data, "--data"))
+    model = open_model(checkpoint, layout, device)
+    bos = tokenizer.bos_id if model.arch.needs_bos else None
+    return run_perplexity(model.chunks, ids, seq_len, model.arch.vocab_size, bos, max_tokens)
+
+
+def generate(checkpoint: str | Path, prompt: str, *, max_new_tokens: int = 32,
+             layout: ParallelLayout | None = None, device: str | None = None) -> str:  # fmt: skip
+    """Greedy continuation of ``prompt`` (the prompt plus the generated text)."""
+    from megatron_prune.data.tokenizer import load_tokenizer
+    from megatron_prune.evaluate.generate import greedy_generate
+
+    tokenizer = load_tokenizer(checkpoint)
+    model = open_model(checkpoint, layout, device)
+    ids = tokenizer.encode(prompt)
+    if model.arch.needs_bos and tokenizer.bos_id is not None:
+        ids = [tokenizer.bos_id, *ids]
+    new = greedy_generate(model.chunks, ids, max_new_tokens, model.arch.vocab_size,
+                          tokenizer.eos_id)  # fmt: skip
+    return prompt + tokenizer.decode(new)
+
+
+# ------------------------------------------------------------------------------------ score
+
+
+def check_score(checkpoint: str | Path, data: str | Path, out: str | Path, *,
+                layout: ParallelLayout | None = None, resume: bool = False,
+                overwrite: bool = False) -> None:  # fmt: skip
+    """Every check of :func:`score` that needs no weights."""
+    from megatron_prune.checkpoint.metadata import CheckpointMeta
+
+    layout = _layout(layout)
+    meta = CheckpointMeta.read(checkpoint)
+    meta.arch.check_layout(layout.tp, layout.pp, layout.vpp)
+    if meta.arch.heterogeneous:
+        raise UserError(
+            f"{checkpoint} has per-layer widths (a heterogeneous pruned model): scoring it "
+            "is not supported (scores are [layers, units] tables); prune the uniform source "
+            "model with its scores instead"
+        )
+    check_text(data, "--data")
+    check_output(Path(out), overwrite)
+    partial = Path(out).with_name(Path(out).name + ".partial") / "partial.json"
+    if resume and not partial.is_file():
+        raise UserError(f"--resume: no partial run to continue ({partial} missing)")
+
+
+def score(checkpoint: str | Path, data: str | Path, out: str | Path, *, samples: int,
+          seq_len: int, metrics: list[str] | None = None, seed: int = 1234,
+          micro_batches: int = 2, micro_batch_size: int = 1, save_every: int = 8,
+          stop_after: int | None = None, esd_method: str = "xmin_peak", ppl_samples: int = 4,
+          resume: bool = False, overwrite: bool = False, layout: ParallelLayout | None = None,
+          device: str | None = None) -> bool:  # fmt: skip
+    """Importance scores of ``checkpoint`` from ``samples`` calibration windows of ``seq_len``
+    tokens of ``data``, written to ``out``. Returns False when ``stop_after`` stopped it early
+    (continue with ``resume=True``)."""
+    from megatron_prune.data.tokenizer import load_tokenizer
+    from megatron_prune.importance.scoring import DEFAULT_METRICS, ScoreJob, run_score_job
+
+    layout = _layout(layout)
+    check_score(checkpoint, data, out, layout=layout, resume=resume, overwrite=overwrite)
+    job = ScoreJob(
+        checkpoint=str(Path(checkpoint).resolve()), data=str(data), samples=samples,
+        seq_len=seq_len, out=str(out), metrics=sorted(set(metrics or DEFAULT_METRICS)),
+        seed=seed, micro_batches=micro_batches, micro_batch_size=micro_batch_size,
+        save_every=save_every, stop_after=stop_after, esd_method=esd_method,
+        ppl_samples=ppl_samples,
+    )  # fmt: skip
+    tokenizer = load_tokenizer(checkpoint)
+    model = open_model(checkpoint, layout, device)
+    return run_score_job(job, model, tokenizer, layout, resume, overwrite)
+
+
+# ------------------------------------------------------------------------------------ prune
+
+
+def check_prune(checkpoint: str | Path, scores: str | Path, target: str | Path | dict[str, Any],
+                out: str | Path, *, options=None, layout: ParallelLayout | None = None,
+                overwrite: bool = False):  # fmt: skip
+    """Every check of :func:`prune` that needs no weights; returns (meta, target, scores)."""
+    from megatron_prune.checkpoint.metadata import CheckpointMeta
+    from megatron_prune.importance.scoring import load_scores
+    from megatron_prune.surgery.prune import PruneOptions, check_scores
+    from megatron_prune.surgery.target import load_target
+
+    layout = _layout(layout)
+    options = options or PruneOptions()
+    check_output(Path(out), overwrite)
+    meta = CheckpointMeta.read(checkpoint)
+    if not isinstance(target, dict) and not Path(target).is_file():
+        raise UserError(f"--target {target} does not exist")
+    parsed = load_target(target, meta.arch, layout.tp, layout.pp)
+    table = load_scores(scores, meta.arch)
+    check_scores(table, meta.arch, parsed, options)
+    return meta, parsed, table
+
+
+def prune(checkpoint: str | Path, scores: str | Path, target: str | Path | dict[str, Any],
+          out: str | Path, *, clap: bool = False, slnp: bool = False,
+          absorb_post_norms: bool = False, channel_score: str = "channel/l1",
+          head_score: str = "head/l2", neuron_score: str = "neuron/l2",
+          layer_score: str = "layer/block_influence", layout: ParallelLayout | None = None,
+          device: str | None = None, overwrite: bool = False):  # fmt: skip
+    """Prune ``checkpoint`` to ``target`` (a YAML file or the same mapping) using ``scores``, and
+    write the pruned checkpoint to ``out`` at ``layout``: collective over its tp*pp ranks, each
+    holding only its share of the pruned model. Returns the ``SurgeryPlan``."""
+    from megatron_prune.distributed import initialize
+    from megatron_prune.log import log
+    from megatron_prune.stages.prune import broadcast_plan, write_pruned
+    from megatron_prune.surgery.prune import PruneOptions, plan_surgery
+
+    layout = _layout(layout)
+    options = PruneOptions(
+        clap=clap, slnp=slnp, absorb_post_norms=absorb_post_norms, channel_score=channel_score,
+        head_score=head_score, neuron_score=neuron_score, layer_score=layer_score,
+    )  # fmt: skip
+    meta, parsed, table = check_prune(checkpoint, scores, target, out, options=options,
+                                      layout=layout, overwrite=overwrite)  # fmt: skip
+    initialize(layout, device)
+    plan: object = None
+    if torch.distributed.get_rank() == 0:
+        try:
+            plan = plan_surgery(meta.arch, table, parsed, options)
+        except UserError as err:  # every rank raises it, not rank 0 alone
+            plan = err
+    plan = broadcast_plan(plan)
+    if isinstance(plan, UserError):
+        raise plan
+    log(f"kept layers {plan.kept}; pruned architecture {plan.arch.to_dict()}")
+    write_pruned(Path(checkpoint), meta, plan, Path(out), layout.to_dict(), options,
+                 asdict(parsed), Path(scores), overwrite)  # fmt: skip
+    return plan
