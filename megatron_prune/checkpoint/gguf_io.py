@@ -141,25 +141,40 @@ def read_gguf_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def read_gguf(path: str | Path) -> GGUFModel:
-    """Dequantize every tensor of a GGUF file to fp32 under Hugging Face names."""
+def lazy_gguf_tensors(path: str | Path):
+    """The GGUF file's tensors under Hugging Face names, each dequantized to fp32 (and put back
+    in Hugging Face's layout) only when asked for."""
     import gguf
+
+    from megatron_prune.checkpoint.lazy import LazyTensors
 
     reader, arch = _open(Path(path))
     cfg = _config(reader, arch)
-    tensors: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
+    by_name = {_hf_name(arch, t.name): t for t in reader.tensors}
+
+    def load(name: str) -> torch.Tensor:
+        t = by_name[name]
         data = gguf.quants.dequantize(t.data, t.tensor_type)
         shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims fastest-first
         w = torch.from_numpy(np.array(data, dtype=np.float32, copy=True).reshape(shape))
-        name = _hf_name(arch, t.name)
         if arch == "llama" and ".self_attn.q_proj." in name:
             w = _unpermute_rope_rows(w, cfg["num_attention_heads"])
         elif arch == "llama" and ".self_attn.k_proj." in name:
             w = _unpermute_rope_rows(w, cfg["num_key_value_heads"])
         elif arch == "gemma3" and name.endswith("norm.weight"):
             w = w - 1.0  # GGUF stores Gemma's gamma as 1 + w
-        tensors[name] = w
+        return w
+
+    shapes = {n: tuple(int(s) for s in reversed(t.shape)) for n, t in by_name.items()}
+    return LazyTensors(shapes, load)
+
+
+def read_gguf(path: str | Path) -> GGUFModel:
+    """Dequantize every tensor of a GGUF file to fp32 under Hugging Face names."""
+    reader, arch = _open(Path(path))
+    cfg = _config(reader, arch)
+    lazy = lazy_gguf_tensors(path)
+    tensors = {name: lazy[name] for name in lazy}
     cfg["tie_word_embeddings"] = "lm_head.weight" not in tensors
     return GGUFModel(architecture=arch, hf_config=cfg, tensors=tensors)
 

@@ -44,6 +44,34 @@ def read_tensors(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, 
     return out
 
 
+def lazy_tensors(folder: Path, dtype: torch.dtype = torch.float32):
+    """Every tensor of the folder's safetensors files, read only when asked for (headers are
+    read now, so a damaged file fails before any work)."""
+    from megatron_prune.checkpoint.lazy import LazyTensors
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} has a config.json but no *.safetensors files")
+    where, shapes = {}, {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    where[name] = file
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except Exception as err:  # safetensors raises its own error types for bad headers
+            raise CheckpointError(f"{file}: unreadable safetensors file ({err})") from err
+
+    def load(name: str) -> torch.Tensor:
+        try:
+            with safe_open(str(where[name]), framework="pt") as f:
+                return f.get_tensor(name)
+        except Exception as err:
+            raise CheckpointError(f"{where[name]}: cannot read tensor {name} ({err})") from err
+
+    return LazyTensors(shapes, load, dtype)
+
+
 def remote_code(base_class: str) -> str:
     """Our model class for a config with ``auto_map`` (see
     :mod:`megatron_prune.models.hf_remote_code`), subclassing transformers' ``base_class``."""

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from megatron_prune.checkpoint import gguf_io, hf
+from megatron_prune.checkpoint.lazy import MappedTensors
 from megatron_prune.checkpoint.metadata import METADATA_FILE, CheckpointError, CheckpointMeta
 from megatron_prune.models.arch import ModelArch
 from megatron_prune.models.families import Family, family_for_hf_config, get_family
@@ -27,17 +29,21 @@ class Source:
     arch: ModelArch
     family: Family
 
-    def megatron_state(self) -> dict[str, torch.Tensor]:
-        """Whole Megatron-named fp32 tensors (GGUF and HF sources only)."""
+    def megatron_state(self) -> Mapping[str, torch.Tensor]:
+        """Megatron-named fp32 tensors (GGUF and HF sources only), each read from the source
+        file when asked for. The weight map is checked on shapes first: a source that does not
+        match its family fails here, before any tensor is read."""
         if self.kind == "gguf":
-            tensors = gguf_io.read_gguf(self.path).tensors
+            tensors = gguf_io.lazy_gguf_tensors(self.path)
         elif self.kind == "hf":
-            tensors = hf.read_tensors(self.path)
+            tensors = hf.lazy_tensors(self.path)
         else:
             raise CheckpointError("a Megatron source is loaded shard by shard, not as a whole")
         if self.arch.tie_embeddings:
-            tensors.pop("lm_head.weight", None)  # some tied HF checkpoints save both copies
-        return hf_to_megatron(tensors, self.family.rules(self.arch), self.arch)
+            tensors = tensors.without({"lm_head.weight"})  # some tied checkpoints save both
+        rules = self.family.rules(self.arch)
+        hf_to_megatron(tensors.meta(), rules, self.arch)  # every tensor used, shapes fit
+        return MappedTensors(tensors, rules, self.arch)
 
     def save_tokenizer(self, out_dir: Path) -> dict:
         """Write Hugging Face tokenizer files to ``out_dir``; return what metadata records."""

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_prune.errors import CheckpointError
 from megatron_prune.models.arch import ModelArch
 
 Tensors = Mapping[str, torch.Tensor]
 
 
-class WeightMapError(KeyError):
+class WeightMapError(CheckpointError):
     """A tensor is missing or left over: the checkpoint does not match the architecture."""
 
     def __str__(self) -> str:  # KeyError would print the message quoted

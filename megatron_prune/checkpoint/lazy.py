@@ -1,0 +1,66 @@
+"""Source tensors read when asked for, one at a time.
+
+``convert`` fills each rank's shards from whole source tensors; reading the whole source on
+every rank would hold world-size copies of the model. A :class:`LazyTensors` knows every name
+and shape from the file headers and reads (and, for GGUF, dequantizes) a tensor only on access,
+so a rank touches only the tensors of its own pipeline stage, one at a time. ``meta()`` gives
+the same mapping as shape-only tensors, so a weight map can be checked before any data is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """Name -> tensor, read by ``load(name)`` on access; shapes known up front."""
+
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, ...]],
+        load: Callable[[str], torch.Tensor],
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.shapes = shapes
+        self._load = load
+        self.dtype = dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.shapes:
+            raise KeyError(name)
+        return self._load(name).to(self.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def without(self, names: set[str]) -> LazyTensors:
+        """The same source less ``names`` (a tied checkpoint's redundant output layer)."""
+        return LazyTensors({k: v for k, v in self.shapes.items() if k not in names},
+                           self._load, self.dtype)  # fmt: skip
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        """Shape-only stand-ins of every tensor (no data is read)."""
+        return {k: torch.empty(s, dtype=self.dtype, device="meta") for k, s in self.shapes.items()}
+
+
+class MappedTensors(Mapping[str, torch.Tensor]):
+    """Megatron-named tensors computed on access from a source mapping by weight-map rules."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor], rules: list, arch) -> None:
+        self.source = source
+        self.rules = {r.megatron: r for r in rules}
+        self.arch = arch
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.rules[name].to_megatron(self.source.__getitem__, self.arch)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.rules)
+
+    def __len__(self) -> int:
+        return len(self.rules)
