@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -36,11 +36,33 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all (a temporary file renamed into place)."""
+def replace_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` whole or not at all: ``write`` fills a temporary file renamed into place."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write the text file ``path`` whole or not at all."""
+    replace_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def publish_directory(scratch: Path, dst: Path) -> None:
+    """Move the finished ``scratch`` folder to ``dst``, replacing an old ``dst`` only once the
+    new one is complete (one process calls this)."""
+    if dst.exists():
+        old = dst.with_name(dst.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        dst.rename(old)
+        scratch.rename(dst)
+        shutil.rmtree(old)
+    else:
+        scratch.rename(dst)
 
 
 def check_output(dst: Path, overwrite: bool) -> None:
@@ -70,12 +92,5 @@ def atomic_directory(dst: str | Path, overwrite: bool = False) -> Iterator[Path]
         raise
     _barrier()
     if _rank() == 0:
-        if dst.exists():
-            old = dst.with_name(dst.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            dst.rename(old)
-            scratch.rename(dst)
-            shutil.rmtree(old)
-        else:
-            scratch.rename(dst)
+        publish_directory(scratch, dst)
     _barrier()

@@ -69,7 +69,11 @@ def lazy_tensors(folder: Path, dtype: torch.dtype = torch.float32):
         except Exception as err:
             raise CheckpointError(f"{where[name]}: cannot read tensor {name} ({err})") from err
 
-    return LazyTensors(shapes, load, dtype)
+    def load_rows(name: str, start: int, stop: int) -> torch.Tensor:
+        with safe_open(str(where[name]), framework="pt") as f:
+            return f.get_slice(name)[start:stop]
+
+    return LazyTensors(shapes, load, dtype, load_rows)
 
 
 def remote_code(base_class: str) -> str:

@@ -22,9 +22,11 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         shapes: dict[str, tuple[int, ...]],
         load: Callable[[str], torch.Tensor],
         dtype: torch.dtype = torch.float32,
+        load_rows: Callable[[str, int, int], torch.Tensor] | None = None,
     ) -> None:
         self.shapes = shapes
         self._load = load
+        self._load_rows = load_rows
         self.dtype = dtype
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -38,10 +40,16 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self.shapes)
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``name``, reading only those when the format allows."""
+        if self._load_rows is None:
+            return self[name][start:stop].clone()
+        return self._load_rows(name, start, stop).to(self.dtype)
+
     def without(self, names: set[str]) -> LazyTensors:
         """The same source less ``names`` (a tied checkpoint's redundant output layer)."""
         return LazyTensors({k: v for k, v in self.shapes.items() if k not in names},
-                           self._load, self.dtype)  # fmt: skip
+                           self._load, self.dtype, self._load_rows)  # fmt: skip
 
     def meta(self) -> dict[str, torch.Tensor]:
         """Shape-only stand-ins of every tensor (no data is read)."""
@@ -58,6 +66,21 @@ class MappedTensors(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.rules[name].to_megatron(self.source.__getitem__, self.arch)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of Megatron tensor ``name``. A vocabulary table (embedding,
+        output layer) is read only for those rows, with the padding rows as zeros; any other
+        tensor is computed whole and cut."""
+        rule = self.rules[name]
+        hf_name = getattr(rule, "hf", None)
+        if not getattr(rule, "vocab", False) or not hasattr(self.source, "rows"):
+            return self[name][start:stop].clone()
+        real = self.source.shapes[hf_name][0]
+        block = self.source.rows(hf_name, min(start, real), min(stop, real))
+        if block.shape[0] < stop - start:  # padding rows past the real vocabulary
+            pad = block.new_zeros(stop - start - block.shape[0], *block.shape[1:])
+            block = torch.cat([block, pad])
+        return block
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.rules)

@@ -22,6 +22,8 @@ from megatron.core import parallel_state
 from megatron_prune.models.partition import partition_dim
 from megatron_prune.models.weight_map import WeightMapError
 
+# Vocabulary tables: a source that can read a block of rows gives each rank only its own.
+_VOCAB_TABLES = ("embedding.word_embeddings.weight", "output_layer.weight")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
@@ -80,9 +82,13 @@ def fill_parameters(
                 source = "embedding.word_embeddings.weight"  # tied: last stage keeps a copy
             if source not in whole:
                 continue
-            piece = whole[source]
-            if source not in already_sharded:
-                piece = shard(piece, dim, name, tp_rank, tp)
+            if source in already_sharded:
+                piece = whole[source]
+            elif tp > 1 and dim == 0 and source in _VOCAB_TABLES and hasattr(whole, "rows"):
+                start = tp_rank * param.shape[0]  # this rank's vocabulary rows only
+                piece = whole.rows(source, start, start + param.shape[0])
+            else:
+                piece = shard(whole[source], dim, name, tp_rank, tp)
             if piece.shape != param.shape:
                 raise RuntimeError(
                     f"{name}: shard {tuple(piece.shape)} != parameter {tuple(param.shape)}"

@@ -1,18 +1,10 @@
-"""Pieces several commands share: opening a checkpoint at the requested layout."""
+"""Pieces several commands share: the checkpoint argument and its checks."""
 
 from __future__ import annotations
 
 import argparse
 
-import torch
-
-from megatron_prune.checkpoint.megatron_io import LoadedModel
-from megatron_prune.distributed import (
-    add_layout_args,
-    initialize,
-    layout_from_args,
-    model_device,
-)
+from megatron_prune.distributed import add_layout_args, layout_from_args
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -30,18 +22,3 @@ def validate_checkpoint(args: argparse.Namespace) -> None:
 
     layout = layout_from_args(args)
     CheckpointMeta.read(args.checkpoint).arch.check_layout(layout.tp, layout.pp, layout.vpp)
-
-
-def open_checkpoint(args: argparse.Namespace) -> LoadedModel:
-    """Validate the layout against the checkpoint's architecture, then build and load."""
-    from megatron_prune.checkpoint.megatron_io import load_model
-
-    validate_checkpoint(args)
-    layout = layout_from_args(args)
-    accel = initialize(layout, args.device)
-    return load_model(
-        args.checkpoint,
-        sequence_parallel=layout.sequence_parallel,
-        device=model_device(accel),
-        params_dtype=torch.float32,
-    )

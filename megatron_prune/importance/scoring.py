@@ -12,7 +12,6 @@ world-wide sums after the last finished round, from which ``--resume`` continues
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,12 @@ import torch
 from megatron.core import parallel_state
 from safetensors.torch import load_file, save_file
 
-from megatron_prune.checkpoint.atomic import OutputExistsError, write_text_atomic
+from megatron_prune.checkpoint.atomic import (
+    OutputExistsError,
+    publish_directory,
+    replace_atomic,
+    write_text_atomic,
+)
 from megatron_prune.errors import ScoreError
 from megatron_prune.evaluate.perplexity import window_nll_sum
 from megatron_prune.importance.calibration import file_sha256, packed_samples
@@ -72,9 +76,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    replace_atomic(path, lambda tmp: save_file(contiguous, str(tmp)))
 
 
 def prepare_output(job: ScoreJob, resume: bool, overwrite: bool) -> tuple[Path, int, dict]:
@@ -151,94 +154,109 @@ def esd_scores(
 
 
 def run_score_job(job: ScoreJob, model, tokenizer, layout, resume: bool, overwrite: bool) -> bool:
-    """Score ``model`` (already loaded at ``layout``). Returns False if stopped early."""
-    from megatron_prune.evaluate.forward import forward_reduce
-    from megatron_prune.progress import TokenCounter
-
+    """Score ``model`` (already loaded at ``layout``). Returns False if stopped early (the sums
+    so far are saved in ``OUT.partial`` for ``--resume``)."""
     arch: ModelArch = model.arch
     metrics = set(job.metrics)
     unknown = metrics - set(ALL_METRICS)
     if unknown:
         raise ScoreError(f"unknown metrics {sorted(unknown)}; choose from {list(ALL_METRICS)}")
-    data = Path(job.data)
-    text = data.read_text(encoding="utf-8")
     bos = tokenizer.bos_id if arch.needs_bos else None
+    text = Path(job.data).read_text(encoding="utf-8")
     samples = packed_samples(tokenizer.encode(text), job.samples, job.seq_len, job.seed, bos)
     scratch, done, loaded = prepare_output(job, resume, overwrite)
-
     view = RankView.current(layout.sequence_parallel)
-    dp = parallel_state.get_data_parallel_world_size()
     hooks = ImportanceHooks(model.chunks, arch, metrics, view, seq_len=job.seq_len)
     if loaded and torch.distributed.get_rank() == 0:
         hooks.sums.load(loaded)  # the world's sums so far live on one rank only
+
+    started = time.perf_counter()
+    done = _calibrate(job, model.chunks, hooks, samples, view, scratch, done)
+    elapsed = time.perf_counter() - started
+    hooks.remove()
+    if done < job.samples:
+        _save_partial(job, hooks, scratch, done)
+        log(f"stopped after {done}/{job.samples} samples; rerun with --resume to continue")
+        return False
+    scores = _final_scores(job, model.chunks, arch, hooks, samples, view)
+    if is_rank0():
+        _write_scores(job, scratch, scores, arch, layout, elapsed)
+    _barrier()
+    log(f"wrote {job.out}")
+    return True
+
+
+def _save_partial(job: ScoreJob, hooks: ImportanceHooks, scratch: Path, done: int) -> None:
+    """Collective: the world's sums after ``done`` samples, for ``--resume``."""
+    sums = hooks.sums.all_reduced()
+    if is_rank0():
+        _save_tensors(scratch / PARTIAL_FILE, sums)
+        partial = {"job": job.identity(), "samples_done": done,
+                   "data_sha256": file_sha256(Path(job.data))}  # fmt: skip
+        _write_json(scratch / PARTIAL_META, partial)
+    _barrier()
+
+
+def _calibrate(job: ScoreJob, chunks, hooks: ImportanceHooks, samples: torch.Tensor,
+               view: RankView, scratch: Path, done: int) -> int:  # fmt: skip
+    """Forward this data-parallel rank's share of samples ``done..`` through the hooked model,
+    round by round, saving partial sums every ``save_every`` rounds; returns samples done."""
+    from megatron_prune.evaluate.forward import forward_reduce
+    from megatron_prune.progress import TokenCounter
+
+    dp = parallel_state.get_data_parallel_world_size()
     per_rank = job.micro_batches * job.micro_batch_size  # samples per rank per round
     per_round = dp * per_rank
     limit = job.samples if job.stop_after is None else min(job.samples, done + job.stop_after)
-    rounds = range(done, limit, per_round)
-
-    def save_partial(samples_done: int) -> None:
-        sums = hooks.sums.all_reduced()
-        if is_rank0():
-            _save_tensors(scratch / PARTIAL_FILE, sums)
-            _write_json(scratch / PARTIAL_META, {
-                "job": job.identity(), "samples_done": samples_done,
-                "data_sha256": file_sha256(data),
-            })  # fmt: skip
-        _barrier()
-
-    log(f"scoring {limit - done} samples x {job.seq_len} tokens ({sorted(metrics)})")
-    started = time.perf_counter()
+    log(f"scoring {limit - done} samples x {job.seq_len} tokens ({sorted(job.metrics)})")
     bar = TokenCounter((limit - done) * job.seq_len, desc="score")
-    for k, start in enumerate(rounds, 1):
+    for k, start in enumerate(range(done, limit, per_round), 1):
         first = start + view.dp_rank * per_rank
         mine = samples[first : min(first + per_rank, limit)]
         whole = len(mine) - len(mine) % job.micro_batch_size
         for part, mbs in ((mine[:whole], job.micro_batch_size), (mine[whole:], 1)):
             if len(part):
-                forward_reduce(model.chunks, part, lambda lg: torch.zeros(len(lg)), mbs)
+                forward_reduce(chunks, part, lambda lg: torch.zeros(len(lg)), mbs)
         hooks.sums.flush()
         bar.update((min(start + per_round, limit) - done) * job.seq_len)
         done = min(start + per_round, limit)
         if k % job.save_every == 0 and done < limit:
-            save_partial(done)
+            _save_partial(job, hooks, scratch, done)
     bar.close()
-    elapsed = time.perf_counter() - started
-    hooks.remove()
-    if done < job.samples:
-        save_partial(done)
-        log(f"stopped after {done}/{job.samples} samples; rerun with --resume to continue")
-        return False
+    return done
 
-    hooks.add_weight_stats(model.chunks)
+
+def _final_scores(job: ScoreJob, chunks, arch: ModelArch, hooks: ImportanceHooks,
+                  samples: torch.Tensor, view: RankView) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Collective: activation scores from the world's sums, plus the weight-only (ESD) and
+    layer-removal (layer_ppl) metrics when asked for."""
+    hooks.add_weight_stats(chunks)
     scores = finalize(hooks.sums.all_reduced(), arch, tokens=job.samples * job.seq_len)
-    if "esd" in metrics:
-        scores.update(esd_scores(model.chunks, arch, view, job.esd_method, hooks.sums.device))
-    if "layer_ppl" in metrics:
-        scores.update(
-            layer_ppl(model.chunks, arch, samples[: job.ppl_samples], view, hooks.sums.device)
-        )
-    if is_rank0():
-        _save_tensors(scratch / SCORES_FILE, scores)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "arch": arch.to_dict(),
-            "job": asdict(job),
-            "layout": {**layout.to_dict(), "dp": dp},
-            "tokens": job.samples * job.seq_len,
-            "data_sha256": file_sha256(data),
-            "calibration_seconds": elapsed,
-            "scores": sorted(scores),
-        }
-        _write_json(scratch / META_FILE, meta)
-        for name in (PARTIAL_FILE, PARTIAL_META):
-            (scratch / name).unlink(missing_ok=True)
-        out = Path(job.out)
-        if out.exists():
-            shutil.rmtree(out)
-        scratch.rename(out)
-    _barrier()
-    log(f"wrote {job.out}")
-    return True
+    if "esd" in job.metrics:
+        scores.update(esd_scores(chunks, arch, view, job.esd_method, hooks.sums.device))
+    if "layer_ppl" in job.metrics:
+        scores.update(layer_ppl(chunks, arch, samples[: job.ppl_samples], view,
+                                hooks.sums.device))  # fmt: skip
+    return scores
+
+
+def _write_scores(job: ScoreJob, scratch: Path, scores: dict[str, torch.Tensor],
+                  arch: ModelArch, layout, elapsed: float) -> None:  # fmt: skip
+    """Rank 0: the score files, then ``OUT.partial`` becomes ``OUT``."""
+    _save_tensors(scratch / SCORES_FILE, scores)
+    _write_json(scratch / META_FILE, {
+        "format_version": FORMAT_VERSION,
+        "arch": arch.to_dict(),
+        "job": asdict(job),
+        "layout": {**layout.to_dict(), "dp": parallel_state.get_data_parallel_world_size()},
+        "tokens": job.samples * job.seq_len,
+        "data_sha256": file_sha256(Path(job.data)),
+        "calibration_seconds": elapsed,
+        "scores": sorted(scores),
+    })  # fmt: skip
+    for name in (PARTIAL_FILE, PARTIAL_META):
+        (scratch / name).unlink(missing_ok=True)
+    publish_directory(scratch, Path(job.out))
 
 
 def load_scores(directory: str | Path, arch: ModelArch | None = None) -> dict[str, torch.Tensor]:
