@@ -1,6 +1,6 @@
 """megatron_prune: structured pruning with weight re-initialisation and online distillation for
-Megatron-Core models (the Pangu Light recipe; AlphaPruning and Tyr-the-Pruner allocation are
-planned, not built: only AlphaPruning's ESD score exists so far)."""
+Megatron-Core models (the Pangu Light recipe), with budgeted allocation (``plan``: uniform or
+AlphaPruning per-layer widths; Tyr-the-Pruner's search is planned, not built)."""
 
 __version__ = "0.1.0"
 

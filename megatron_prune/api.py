@@ -14,7 +14,9 @@ same arguments) and writes its outputs atomically. A script that scores, prunes 
               clap=False, slnp=True)
     print(api.perplexity("pruned", "heldout.txt").ppl)
 
-Stages still to come (see the README roadmap): ``plan`` (allocation), ``bench``, ``report``.
+``api.plan("ckpt", "scores", "plan.yaml", budget="params=0.5", strategy="alpha")`` writes a
+target for ``prune`` from a budget. Stages still to come (see the README roadmap): ``bench``,
+``report``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ __all__ = [
     "export_hf",
     "generate",
     "perplexity",
+    "check_plan",
+    "plan",
     "prune",
     "score",
 ]
@@ -209,6 +213,40 @@ def score(checkpoint: str | Path, data: str | Path, out: str | Path, *, samples:
     return run_score_job(job, model, tokenizer, layout, resume, overwrite)
 
 
+# ------------------------------------------------------------------------------------- plan
+
+
+def check_plan(checkpoint: str | Path, scores: str | Path | None, out: str | Path, *,
+               budget: str, strategy: str = "uniform", tp: int = 1, pp: int = 1,
+               prune: str | tuple[str, ...] | None = None, alpha_eps: float = 0.3,
+               seq_len: int = 2048, overwrite: bool = False):  # fmt: skip
+    """Every check of :func:`plan`; returns the checked ``PlanInputs``."""
+    from megatron_prune.plan.planfile import check_plan_inputs
+
+    return check_plan_inputs(checkpoint, scores, out, budget=budget, strategy=strategy, tp=tp,
+                             pp=pp, prune=prune, alpha_eps=alpha_eps, seq_len=seq_len,
+                             overwrite=overwrite)  # fmt: skip
+
+
+def plan(checkpoint: str | Path, scores: str | Path | None, out: str | Path, *, budget: str,
+         strategy: str = "uniform", tp: int = 1, pp: int = 1,
+         prune: str | tuple[str, ...] | None = None, alpha_eps: float = 0.3,
+         seq_len: int = 2048, overwrite: bool = False):  # fmt: skip
+    """Allocate ``budget`` (``"params=0.5"``: keep half of the blocks' parameters; ``flops=``,
+    ``latency=`` likewise) over the layers of ``checkpoint`` with ``strategy`` (``uniform``, or
+    ``alpha``: AlphaPruning from the ESD alphas in ``scores``), and write the target ``prune``
+    takes to ``out``, valid at ``tp`` x ``pp``. Reads no weights and needs no torch.distributed.
+    ``prune``: the dimensions that may shrink (default ``ffn,heads``). Returns the ``Plan``."""
+    from megatron_prune.plan.planfile import make_plan, write_plan
+
+    inputs = check_plan(checkpoint, scores, out, budget=budget, strategy=strategy, tp=tp, pp=pp,
+                        prune=prune, alpha_eps=alpha_eps, seq_len=seq_len,
+                        overwrite=overwrite)  # fmt: skip
+    result = make_plan(inputs)
+    write_plan(result, out)
+    return result
+
+
 # ------------------------------------------------------------------------------------ prune
 
 
@@ -218,8 +256,8 @@ def check_prune(checkpoint: str | Path, scores: str | Path, target: str | Path |
     """Every check of :func:`prune` that needs no weights; returns (meta, target, scores)."""
     from megatron_prune.checkpoint.metadata import CheckpointMeta
     from megatron_prune.importance.scoring import load_scores
+    from megatron_prune.plan.target import load_target
     from megatron_prune.surgery.prune import PruneOptions, check_scores
-    from megatron_prune.surgery.target import load_target
 
     layout = _layout(layout)
     options = options or PruneOptions()

@@ -29,6 +29,7 @@ COMMANDS = {
     "eval": "Evaluate a checkpoint (ppl: perplexity on a text file)",
     "generate": "Greedy generation from a prompt",
     "score": "Importance scores from calibration activations, at any layout",
+    "plan": "A pruning target from a budget (uniform or AlphaPruning per-layer widths)",
     "prune": "Structured pruning (width, depth, CLAP, SLNP, norm absorption)",
     "data": "Build Megatron indexed datasets (data build) with a checkpoint's tokenizer",
     "distill": "Online full-vocabulary logit distillation (teacher and student, one layout)",

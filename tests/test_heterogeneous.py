@@ -19,9 +19,9 @@ import torch
 from megatron_prune.errors import UserError
 from megatron_prune.models.arch import ArchError, ModelArch
 from megatron_prune.models.families import get_family
+from megatron_prune.plan.target import TargetError, load_target
 from megatron_prune.surgery.prune import PruneOptions, prune_model
 from megatron_prune.surgery.state import ModelState, split_qkv
-from megatron_prune.surgery.target import TargetError, load_target
 from tests.helpers import torchrun
 from tests.tiny_models import random_scores, whole_state
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from megatron_prune.models.norm import RMSNorm
+from megatron_prune.plan.target import TargetError, load_target
 from megatron_prune.surgery.norms import absorb_post_norm, gamma_of, slnp
 from megatron_prune.surgery.prune import PruneOptions, prune_model
 from megatron_prune.surgery.state import ModelState, split_qkv
-from megatron_prune.surgery.target import TargetError, load_target
 from tests.tiny_models import random_scores, whole_state
 
 

@@ -38,7 +38,7 @@ def bench_step(args: argparse.Namespace) -> dict:
     from megatron_prune.distributed import ParallelLayout, initialize
     from megatron_prune.evaluate.forward import forward_reduce
     from megatron_prune.models.gpt import build_model
-    from megatron_prune.surgery.target import load_target
+    from megatron_prune.plan.target import load_target
 
     accel = initialize(ParallelLayout(), args.device)
     device = accel.device(0)

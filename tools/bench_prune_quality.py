@@ -63,9 +63,9 @@ def main() -> None:
     from megatron_prune.importance.scoring import ScoreJob, load_scores, run_score_job
     from megatron_prune.models.arch import ModelArch
     from megatron_prune.models.gpt import build_model
+    from megatron_prune.plan.target import load_target
     from megatron_prune.stages.convert import to_megatron
     from megatron_prune.surgery.prune import PruneOptions, prune_model
-    from megatron_prune.surgery.target import load_target
 
     args.out.mkdir(parents=True, exist_ok=True)
     layout = ParallelLayout()
@@ -156,8 +156,8 @@ def main() -> None:
 
 def copy_ratio(ckpt, whole, arch, scores) -> dict:
     """Surgery (the 50% joint target with CLAP+SLNP) vs a durable copy of the checkpoint."""
+    from megatron_prune.plan.target import load_target
     from megatron_prune.surgery.prune import PruneOptions, prune_model
-    from megatron_prune.surgery.target import load_target
 
     target = load_target(
         TARGETS[arch.family if arch.family != "llama" else "smollm2"]["50%"][0], arch

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from megatron_prune.models.arch import LayerWidths, ModelArch
+from megatron_prune.plan.target import Target, TargetError
 from megatron_prune.surgery.norms import absorb_post_norm, slnp
 from megatron_prune.surgery.select import layers_to_drop, top_indices
 from megatron_prune.surgery.state import (
@@ -20,7 +21,6 @@ from megatron_prune.surgery.state import (
     PROJ,
     ModelState,
 )
-from megatron_prune.surgery.target import Target, TargetError
 from megatron_prune.surgery.width import (
     HIDDEN_NORMS,
     Pick,

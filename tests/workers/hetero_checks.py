@@ -139,8 +139,8 @@ def export(ckpt: Path, out: Path, tokens: torch.Tensor) -> dict:
 
 def main() -> None:
     from megatron_prune.checkpoint.metadata import CheckpointMeta
+    from megatron_prune.plan.target import load_target
     from megatron_prune.surgery.prune import prune_model
-    from megatron_prune.surgery.target import load_target
     from tests.tiny_models import random_scores, whole_state
     from tests.workers.common import logits_at
 

@@ -28,9 +28,9 @@ def whole_reference(work: Path, target: dict, **options) -> dict[str, torch.Tens
     """The whole-model, one-process surgery (``surgery.prune_model``) of the same prune."""
     from megatron_prune.checkpoint.metadata import CheckpointMeta
     from megatron_prune.importance.scoring import load_scores
+    from megatron_prune.plan.target import load_target
     from megatron_prune.stages.convert import whole_state
     from megatron_prune.surgery.prune import PruneOptions, prune_model
-    from megatron_prune.surgery.target import load_target
 
     arch = CheckpointMeta.read(work / "ckpt").arch
     result = prune_model(whole_state(work / "ckpt"), arch, load_scores(work / "ref", arch),

@@ -4,6 +4,10 @@ the output layout, before any tensor is touched.
 ``ffn_hidden_size``, ``num_attention_heads`` and ``num_query_groups`` take one value or a list
 with one value per kept layer (a heterogeneous model); an omitted key keeps each kept layer's
 source value.
+
+A target written by ``megatron-prune plan`` also carries a ``plan:`` mapping (how it was made:
+strategy, budget, achieved cost, source, scores, layout); :func:`load_target` skips that record,
+so ``prune --target PLAN.yaml`` takes a plan as it is.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ KEYS = ("hidden_size", "num_layers", "drop_layers", "ffn_hidden_size", "num_atte
         "num_query_groups")  # fmt: skip
 
 Width = int | tuple[int, ...] | None  # one value, one per kept layer, or None: the source's
+PLAN_KEY = "plan"  # the provenance record of a plan file; not part of the target
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,11 @@ def load_target(path: str | Path | dict, source: ModelArch, tp: int = 1, pp: int
     """Read and validate a target; every problem is reported at once, with nearby valid values."""
     data = yaml.safe_load(Path(path).read_text()) if not isinstance(path, dict) else path
     data = data or {}
+    if not isinstance(data, dict):
+        raise TargetError(f"a target is a mapping of {list(KEYS)}, got {type(data).__name__}")
+    if not isinstance(data.get(PLAN_KEY, {}), dict):
+        raise TargetError(f"{PLAN_KEY}: expected the mapping `megatron-prune plan` writes")
+    data = {k: v for k, v in data.items() if k != PLAN_KEY}
     unknown = set(data) - set(KEYS)
     if unknown:
         raise TargetError(f"unknown target keys {sorted(unknown)}; known: {list(KEYS)}")

@@ -1,0 +1,14 @@
+"""Allocation: how much to prune where. Turns (architecture, scores, budget, strategy) into a
+:class:`~megatron_prune.plan.target.Target`, the per-layer target YAML that ``prune`` takes.
+
+* ``target.py``: the target and its validation (``prune --target``), shared with ``surgery/``.
+* ``cost.py``: parameters, FLOPs per token and an analytic latency proxy of a ``ModelArch``;
+  budgets (``params=0.5``: keep half of the dense blocks' parameters).
+* ``strategies.py``: ``uniform`` (one width ratio everywhere) and ``alpha`` (AlphaPruning's
+  per-layer ratios from ESD alphas), both rounded to widths that are valid at the layout.
+* ``planfile.py``: the plan file, a target plus a record of how it was made.
+
+Nothing here needs weights or torch.distributed, so ``plan`` runs in the launcher process.
+``surgery/`` imports from here, never the other way round. Tyr-the-Pruner's supernet search is
+planned (issue 10), not built.
+"""
