@@ -39,6 +39,7 @@ __all__ = [
     "convert",
     "export_hf",
     "generate",
+    "megatron_lm_args",
     "perplexity",
     "check_plan",
     "plan",
@@ -73,7 +74,8 @@ def _read_text(path: Path, flag: str) -> str:
 
 
 def check_convert(src: str, dst: str | Path, *, to: str = "megatron",
-                  layout: ParallelLayout | None = None, overwrite: bool = False):  # fmt: skip
+                  layout: ParallelLayout | None = None, overwrite: bool = False,
+                  tokenizer: str | Path | None = None):  # fmt: skip
     """Every check of :func:`convert` that needs no tensor; returns the opened source."""
     from megatron_prune.checkpoint.sources import open_source
 
@@ -81,7 +83,7 @@ def check_convert(src: str, dst: str | Path, *, to: str = "megatron",
     if to not in ("megatron", "hf"):
         raise UserError(f"--to {to!r}: choose megatron or hf")
     check_output(Path(dst), overwrite)
-    source = open_source(src)
+    source = open_source(src, tokenizer)
     if to == "hf" and layout.model_parallel_size != 1:
         raise UserError("--to hf writes whole tensors: leave --tp/--pp at 1")
     source.arch.check_layout(layout.tp, layout.pp, layout.vpp)
@@ -90,19 +92,32 @@ def check_convert(src: str, dst: str | Path, *, to: str = "megatron",
 
 def convert(src: str, dst: str | Path, *, to: str = "megatron",
             layout: ParallelLayout | None = None, device: str | None = None,
-            overwrite: bool = False) -> Path:  # fmt: skip
-    """Convert ``src`` (``gguf:FILE``, a Hugging Face folder or a megatron-prune checkpoint) to a
-    Megatron dist checkpoint written at ``layout`` (collective over its tp*pp ranks), or with
-    ``to="hf"`` to a Hugging Face folder."""
+            overwrite: bool = False, tokenizer: str | Path | None = None) -> Path:  # fmt: skip
+    """Convert ``src`` (``gguf:FILE``, a Hugging Face folder, a megatron-prune checkpoint or a
+    Megatron-LM ``--save`` folder) to a Megatron dist checkpoint written at ``layout``
+    (collective over its tp*pp ranks) in the folder layout Megatron-LM's ``--load`` takes, or
+    with ``to="hf"`` to a Hugging Face folder. ``tokenizer``: a Hugging Face tokenizer folder
+    for a Megatron-LM source whose args name none."""
     from megatron_prune.stages.convert import to_hf, to_megatron
 
     layout = _layout(layout)
-    source = check_convert(src, dst, to=to, layout=layout, overwrite=overwrite)
+    source = check_convert(src, dst, to=to, layout=layout, overwrite=overwrite,
+                           tokenizer=tokenizer)  # fmt: skip
     if to == "hf":
         to_hf(source, Path(dst), overwrite)
     else:
         to_megatron(source, Path(dst), layout, overwrite, device)
     return Path(dst)
+
+
+def megatron_lm_args(checkpoint: str | Path) -> list[str]:
+    """The Megatron-LM command-line flags that build ``checkpoint``'s model (for
+    ``pretrain_gpt.py --load CHECKPOINT --finetune``); refuses models Megatron-LM's GPT
+    cannot express (sandwich norms, per-layer widths, local RoPE bases)."""
+    from megatron_prune.checkpoint.megatron_lm_format import megatron_lm_flags
+    from megatron_prune.checkpoint.metadata import CheckpointMeta
+
+    return megatron_lm_flags(CheckpointMeta.read(checkpoint).arch)
 
 
 def export_hf(checkpoint: str | Path, dst: str | Path, *, overwrite: bool = False) -> Path:

@@ -120,6 +120,9 @@ def initialize(layout: ParallelLayout, device: str | None = None, seed: int = 12
     layout again keeps the groups it has.
     """
     global _CURRENT_LAYOUT
+    from megatron_prune.compat import check_megatron_core
+
+    check_megatron_core()
     accel = prepare(device)
     init_torch_distributed(accel)
     from megatron.core import parallel_state, tensor_parallel

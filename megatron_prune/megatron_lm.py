@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_prune.distill.loss import DistillLossConfig, distillation_loss
 from megatron_prune.distill.pair import DistillationChunk
@@ -53,10 +54,18 @@ _settings: KDSettings | None = None
 _teachers: dict[int | None, torch.nn.Module] = {}
 
 
-def add_distillation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron-LM ``extra_args_provider``: the --kd-* flags."""
+def add_distillation_args(
+    parser: argparse.ArgumentParser, *, also: Callable | None = None
+) -> argparse.ArgumentParser:
+    """Megatron-LM ``extra_args_provider``: the --kd-* flags (listed by ``--help``). ``also``
+    chains a provider the script already passes (``pretrain_gpt.py``'s ModelOpt flags):
+    ``extra_args_provider=functools.partial(kd.add_distillation_args, also=add_modelopt_args)``.
+    """
+    if also is not None:
+        parser = also(parser)
     group = parser.add_argument_group("megatron-prune distillation")
-    group.add_argument("--kd-teacher", required=True, help="megatron-prune teacher checkpoint")
+    group.add_argument("--kd-teacher", required=True,
+                       help="teacher checkpoint (megatron-prune's, or Megatron-LM's)")  # fmt: skip
     group.add_argument("--kd-temperature", type=float, default=1.0)
     group.add_argument("--kd-reverse", action="store_true", help="KL(student || teacher)")
     group.add_argument("--kd-top-k", type=int, default=None)
@@ -127,8 +136,19 @@ def loss_func(labels: torch.Tensor, loss_mask: torch.Tensor, output):
     return distillation_loss(cfg.loss, cfg.vocab_size, labels, loss_mask, output)
 
 
-def _next_batch(data_iterator) -> dict[str, torch.Tensor]:
-    """Megatron-LM's batch on this TP rank (it broadcasts from TP rank 0), else the iterator's."""
+_NO_DATA = {"tokens": None, "position_ids": None, "attention_mask": None, "labels": None,
+            "loss_mask": None}  # fmt: skip
+
+
+def _next_batch(data_iterator, model) -> dict[str, torch.Tensor | None]:
+    """This chunk's micro-batch. Chunks that are neither a first nor a last (virtual) stage
+    take no data: Megatron-LM hands them ``data_iterator=None`` and they read their input from
+    the previous stage. Otherwise Megatron-LM's batch on this TP rank (broadcast from TP rank
+    0), or the iterator's own outside Megatron-LM."""
+    pre = get_attr_wrapped_model(model, "pre_process")
+    post = get_attr_wrapped_model(model, "post_process")
+    if not (pre or post):
+        return dict(_NO_DATA)
     try:
         from megatron.training.utils import get_batch_on_this_tp_rank
     except ImportError:
@@ -138,6 +158,6 @@ def _next_batch(data_iterator) -> dict[str, torch.Tensor]:
 
 def forward_step(data_iterator, model: DistillationChunk):
     """Megatron ``forward_step``: run teacher and student on one micro-batch."""
-    batch = _next_batch(data_iterator)
+    batch = _next_batch(data_iterator, model)
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
     return output, functools.partial(loss_func, batch["labels"], batch["loss_mask"])

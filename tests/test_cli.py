@@ -100,9 +100,10 @@ def test_truncated_checkpoint(tiny, tmp_path):
     _, hf_dir, _ = tiny
     ckpt = tmp_path / "ck"
     assert cli("convert", str(hf_dir), str(ckpt)).returncode == 0
-    shard = max(ckpt.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard = max(ckpt.rglob("*.distcp"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     _fails(cli("convert", str(ckpt), str(tmp_path / "o")), "truncated or damaged")
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
     (ckpt / "megatron_prune.json").unlink()
+    (ckpt / "latest_checkpointed_iteration.txt").unlink()  # not a Megatron-LM folder either
     _fails(cli("eval", "ppl", str(ckpt), "--data", str(shard)), "not a checkpoint written by")

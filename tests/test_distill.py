@@ -235,6 +235,8 @@ def test_megatron_lm_trio_matches_the_distill_command(models, layout_runs):
     torchrun("megatron_lm_trio.py", 2, str(tmp / "trio_spec.json"))
     report, first = json.loads((tmp / "trio.json").read_text()), layout_runs["tp1"][0]
     assert not report["teacher_trainable"] and not report["checkpoint_holds_teacher"]
+    assert not report["teacher_in_train_mode"]
+    assert report["middle_chunks"] == 1  # this rank's middle chunk ran with data_iterator=None
     for key in ("loss", "grad_norm"):
         assert abs(report[key] - first[key]) <= 1e-5 * first[key], (key, report, first)
 

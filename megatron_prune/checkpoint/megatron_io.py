@@ -26,10 +26,34 @@ def sharded_model_state(chunks: list[torch.nn.Module]) -> dict:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def save_chunks(chunks: list[torch.nn.Module], directory: Path) -> None:
-    """Collective: every rank saves its shards into ``directory``."""
+def save_chunks(
+    chunks: list[torch.nn.Module], directory: Path, common: dict | None = None
+) -> None:
+    """Collective: every rank saves its shards (and ``common``, non-sharded state) into
+    ``directory``."""
     _forked_results_queue()
-    dist_checkpointing.save(sharded_model_state(chunks), str(directory))
+    dist_checkpointing.save({**sharded_model_state(chunks), **(common or {})}, str(directory))
+
+
+def save_model_checkpoint(
+    chunks: list[torch.nn.Module], directory: Path, arch: ModelArch, layout: dict
+) -> None:
+    """Collective: ``directory`` becomes a folder Megatron-LM's ``--load`` takes: the tracker
+    file and ``release/``, a dist checkpoint whose common state holds Megatron-LM's args (when
+    Megatron-LM can express the model). The caller writes megatron_prune.json beside them."""
+    from megatron_prune.checkpoint.megatron_lm_format import RELEASE, common_state, write_tracker
+    from megatron_prune.errors import UserError
+
+    try:
+        common = common_state(arch, layout)
+    except UserError:  # sandwich norms, per-layer widths: no Megatron-LM args to give
+        common = {}
+    if torch.distributed.get_rank() == 0:
+        (directory / RELEASE).mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    save_chunks(chunks, directory / RELEASE, common)
+    if torch.distributed.get_rank() == 0:
+        write_tracker(directory)
 
 
 def _forked_results_queue() -> None:
@@ -55,11 +79,17 @@ def load_chunks(chunks: list[torch.nn.Module], directory: Path) -> None:
 
 
 def load_sharded(template: dict, directory: Path) -> dict:
-    """Collective: ``dist_checkpointing.load`` with errors that name the damaged checkpoint."""
+    """Collective: ``dist_checkpointing.load`` with errors that name the damaged checkpoint.
+    ``directory`` may be a Megatron-LM ``--save`` folder (tracker file + ``iter_*/``)."""
+    from megatron_prune.checkpoint.megatron_lm_format import check_dist_format, tensor_directory
+
+    check_dist_format(directory)
+    directory = tensor_directory(directory)
     if not (directory / "metadata.json").is_file():
         raise CheckpointError(
             f"{directory} holds no Megatron dist checkpoint (metadata.json missing)"
         )
+    _use_stored_norm_keys(template, directory)
     try:
         return dist_checkpointing.load(template, str(directory))
     except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
@@ -67,6 +97,48 @@ def load_sharded(template: dict, directory: Path) -> dict:
             f"{directory}: cannot load the dist checkpoint, it is truncated or damaged "
             f"({_root_cause(err)})"
         ) from err
+
+
+def stored_keys(directory: Path) -> set[str]:
+    """The tensor keys a dist checkpoint holds (from its index; no tensor is read)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return set(FileSystemReader(str(directory)).read_metadata().state_dict_metadata)
+    except Exception as err:  # a missing or truncated .metadata file
+        raise CheckpointError(
+            f"{directory}: cannot read the dist checkpoint's index ({err})"
+        ) from err
+
+
+def legacy_norm_key(key: str) -> str:
+    """A norm's key as checkpoints of this tool written before Megatron's key names:
+    ``...self_attention.linear_qkv.layer_norm_weight`` -> ``...input_layernorm.weight``."""
+    from megatron_prune.models.spec import NORM_CHECKPOINT_KEYS
+
+    for ours, megatrons in NORM_CHECKPOINT_KEYS.items():
+        prefix, _, name = key.rpartition(megatrons)
+        if _ and "." not in name:
+            return f"{prefix}{ours}{name}"
+    return key
+
+
+def _use_stored_norm_keys(template: dict, directory: Path) -> None:
+    """Point norm entries at the keys the checkpoint has: older checkpoints of this tool
+    stored the norms under their module names."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+
+    stored = stored_keys(directory)
+
+    def adapt(value):
+        if isinstance(value, ShardedTensor) and value.key not in stored:
+            old = legacy_norm_key(value.key)
+            if old in stored:
+                value.key = old
+        return value
+
+    dict_list_map_inplace(adapt, template)
 
 
 def apply_model_state(chunks: list[torch.nn.Module], state: dict, directory: Path) -> None:

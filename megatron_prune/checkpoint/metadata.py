@@ -41,6 +41,13 @@ class CheckpointMeta:
         if not Path(directory).is_dir():
             raise CheckpointError(f"{directory} is not a directory")
         if not path.is_file():
+            from megatron_prune.checkpoint.megatron_lm_format import (
+                is_megatron_lm_layout,
+                read_meta,
+            )
+
+            if is_megatron_lm_layout(directory):
+                return read_meta(directory)
             raise CheckpointError(
                 f"{directory} has no {METADATA_FILE}: not a checkpoint written by megatron-prune "
                 "(convert it first with `megatron-prune convert`)"

@@ -79,7 +79,13 @@ class CheckpointReader:
     megatron-core, read on demand."""
 
     def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
+        from megatron_prune.checkpoint.megatron_lm_format import (
+            check_dist_format,
+            tensor_directory,
+        )
+
+        check_dist_format(directory)
+        self.directory = tensor_directory(directory)
         if not (self.directory / "metadata.json").is_file():
             raise CheckpointError(
                 f"{directory} holds no Megatron dist checkpoint (metadata.json missing)"
@@ -90,18 +96,21 @@ class CheckpointReader:
             raise CheckpointError(
                 f"{directory}: cannot read the dist checkpoint's index ({err})"
             ) from err
+        from megatron_prune.checkpoint.megatron_io import legacy_norm_key
+
         self.index: dict[str, StoredTensor] = {}
         for key, md in metadata.state_dict_metadata.items():
             if not isinstance(md, TensorStorageMetadata):
                 continue
             dtype = md.properties.dtype
+            name_key = legacy_norm_key(key)  # model names: decoder.layers.{i}.input_layernorm
             if key.startswith(_STACKED_PREFIX) and not _PER_LAYER_KEY.match(key):
-                rest = key[len(_STACKED_PREFIX) :]
+                rest = name_key[len(_STACKED_PREFIX) :]
                 for i in range(md.size[0]):
                     name = f"{_STACKED_PREFIX}{i}.{rest}"
                     self.index[name] = StoredTensor(key, i, md.size[1:], dtype)
             else:
-                self.index[key] = StoredTensor(key, None, md.size, dtype)
+                self.index[name_key] = StoredTensor(key, None, md.size, dtype)
 
     def names(self) -> list[str]:
         return list(self.index)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_prune.checkpoint import gguf_io, hf
+from megatron_prune.checkpoint import gguf_io, hf, megatron_lm_format
 from megatron_prune.checkpoint.lazy import MappedTensors
 from megatron_prune.checkpoint.metadata import METADATA_FILE, CheckpointError, CheckpointMeta
 from megatron_prune.models.arch import ModelArch
@@ -28,6 +28,7 @@ class Source:
     path: Path
     arch: ModelArch
     family: Family
+    meta: CheckpointMeta | None = None  # Megatron sources: their description
 
     def megatron_state(self) -> Mapping[str, torch.Tensor]:
         """Megatron-named fp32 tensors (GGUF and HF sources only), each read from the source
@@ -48,11 +49,15 @@ class Source:
     def save_tokenizer(self, out_dir: Path) -> dict:
         """Write Hugging Face tokenizer files to ``out_dir``; return what metadata records."""
         if self.kind == "megatron":
-            src = self.path / TOKENIZER_DIR
-            if not src.is_dir():
+            meta = self.meta or CheckpointMeta.read(self.path)
+            src = self.path / meta.tokenizer.get("path", TOKENIZER_DIR)  # absolute: elsewhere
+            if not meta.tokenizer or not (src / "tokenizer.json").is_file():
                 return {}
-            shutil.copytree(src, out_dir)
-            return CheckpointMeta.read(self.path).tokenizer
+            out_dir.mkdir()
+            for name in hf.TOKENIZER_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, out_dir / name)
+            return {**meta.tokenizer, "path": TOKENIZER_DIR}
         if self.kind == "gguf":
             gguf_io.save_gguf_tokenizer(self.path, out_dir)
         elif (self.path / "tokenizer.json").is_file():
@@ -88,8 +93,9 @@ def tokenizer_record(tokenizer_dir: Path) -> dict:
     return {"path": TOKENIZER_DIR, **ids}
 
 
-def open_source(spec: str) -> Source:
-    """Identify ``spec`` and read its architecture."""
+def open_source(spec: str, tokenizer: str | Path | None = None) -> Source:
+    """Identify ``spec`` and read its architecture. ``tokenizer`` (a Hugging Face tokenizer
+    folder) names the tokenizer of a Megatron-LM checkpoint whose args do not."""
     if spec.startswith("gguf:"):
         path = Path(spec[len("gguf:") :])
         cfg = gguf_io.read_gguf_config(path)
@@ -100,7 +106,10 @@ def open_source(spec: str) -> Source:
         raise CheckpointError(f"source {spec} does not exist")
     if (path / METADATA_FILE).is_file():
         meta = CheckpointMeta.read(path)
-        return Source("megatron", path, meta.arch, get_family(meta.arch.family))
+        return Source("megatron", path, meta.arch, get_family(meta.arch.family), meta)
+    if megatron_lm_format.is_megatron_lm_layout(path):  # Megatron-LM's own --save output
+        meta = megatron_lm_format.read_meta(path, tokenizer)
+        return Source("megatron", path, meta.arch, get_family(meta.arch.family), meta)
     if hf.is_hf_folder(path):
         cfg = hf.read_config(path)
         family = family_for_hf_config(cfg)

@@ -64,6 +64,30 @@ class DistillationChunk(torch.nn.Module):
     def sharded_state_dict(self, *args, **kwargs) -> dict:
         return unwrap_model(self.student).sharded_state_dict(*args, **kwargs)
 
+    # Megatron-LM's load_checkpoint fills the tensors through dist checkpointing, then calls
+    # load_state_dict(strict=True) on the (unwrapped) chunk: both see the student alone.
+    def state_dict(self, *args, **kwargs):
+        return unwrap_model(self.student).state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, *args, **kwargs):
+        return unwrap_model(self.student).load_state_dict(state_dict, strict, *args, **kwargs)
+
+    def train(self, mode: bool = True) -> DistillationChunk:
+        """Train the student; the teacher stays in eval mode whatever the training loop asks."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    # Megatron-LM's Float16Module casts its module with .bfloat16() / .half(): the student
+    # follows, the teacher keeps the dtype it was loaded in (fp32, or bf16 by choice).
+    def bfloat16(self) -> DistillationChunk:
+        self.student.bfloat16()
+        return self
+
+    def half(self) -> DistillationChunk:
+        self.student.half()
+        return self
+
     def set_input_tensor(self, input_tensor) -> None:
         """Receive the previous stage's [.., h_t + h_s] tensor and hand each model its part."""
         if isinstance(input_tensor, list):

@@ -25,7 +25,7 @@ from megatron_prune.checkpoint.atomic import atomic_directory, is_writer, write_
 from megatron_prune.checkpoint.megatron_io import (
     apply_model_state,
     load_sharded,
-    save_chunks,
+    save_model_checkpoint,
     sharded_model_state,
 )
 from megatron_prune.checkpoint.metadata import CheckpointMeta
@@ -95,9 +95,10 @@ def save_training_checkpoint(
 
 def save_student(target: Path, chunks: list[torch.nn.Module], meta: CheckpointMeta,
                  tokenizer_from: Path) -> None:  # fmt: skip
-    """Collective: the student alone, as a plain checkpoint (no optimizer state)."""
+    """Collective: the student alone, as a model checkpoint (no optimizer state) that
+    Megatron-LM's ``--load`` takes too."""
     with atomic_directory(target, overwrite=True) as scratch:
-        save_chunks(chunks, scratch)
+        save_model_checkpoint(chunks, scratch, meta.arch, meta.layout)
         if is_writer():
             _write_description(scratch, meta, tokenizer_from)
 

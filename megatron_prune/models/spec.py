@@ -23,6 +23,14 @@ from megatron_prune.models.arch import ModelArch
 from megatron_prune.models.layers import LocalRopeSelfAttention, PostNormRowParallelLinear
 from megatron_prune.models.norm import QKNorm, RMSNorm
 
+# The checkpoint keys of the pre-attention / pre-MLP norms, as megatron-core's local and
+# Transformer Engine specs store them (there the norms are fused into the next linear layer):
+# every standard Megatron-LM GPT model then reads our checkpoints and we read theirs.
+NORM_CHECKPOINT_KEYS = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
 
 def layer_spec(arch: ModelArch, post_norms: bool | None = None) -> ModuleSpec:
     """The TransformerLayer spec for ``arch``.
@@ -60,5 +68,6 @@ def layer_spec(arch: ModelArch, post_norms: bool | None = None) -> ModuleSpec:
                 submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=projection),
             ),
             mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=dict(NORM_CHECKPOINT_KEYS),
         ),
     )

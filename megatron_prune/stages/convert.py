@@ -26,7 +26,7 @@ def to_megatron(
     source: Source, dst: Path, layout: ParallelLayout, overwrite: bool, device: str | None
 ) -> None:
     """Collective over tp*pp ranks: build the model at ``layout``, fill it, save it."""
-    from megatron_prune.checkpoint.megatron_io import load_chunks, save_chunks
+    from megatron_prune.checkpoint.megatron_io import load_chunks, save_model_checkpoint
     from megatron_prune.checkpoint.sharding import load_full_state
     from megatron_prune.models.gpt import build_model
 
@@ -39,7 +39,7 @@ def to_megatron(
         load_full_state(chunks, source.megatron_state())
     with atomic_directory(dst, overwrite) as scratch:
         log(f"writing Megatron dist checkpoint at TP={layout.tp} PP={layout.pp}")
-        save_chunks(chunks, scratch)
+        save_model_checkpoint(chunks, scratch, source.arch, layout.to_dict())
         if torch.distributed.get_rank() == 0:
             meta = CheckpointMeta(
                 arch=source.arch, layout=layout.to_dict(),

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from megatron_prune.checkpoint.atomic import atomic_directory
-from megatron_prune.checkpoint.megatron_io import save_chunks
+from megatron_prune.checkpoint.megatron_io import save_model_checkpoint
 from megatron_prune.checkpoint.metadata import CheckpointMeta, provenance
 from megatron_prune.checkpoint.partial import CheckpointReader
 from megatron_prune.checkpoint.sharding import fill_parameters, parameter_names, tp_rows
@@ -89,7 +89,7 @@ def write_pruned(
     chunks = build_model(plan.arch, initialize=False, params_dtype=params_dtype)
     prune_shards(CheckpointReader(checkpoint), plan, chunks)
     with atomic_directory(out, overwrite) as scratch:
-        save_chunks(chunks, scratch)
+        save_model_checkpoint(chunks, scratch, plan.arch, layout_record)
         if torch.distributed.get_rank() == 0:
             description = CheckpointMeta(
                 arch=plan.arch,

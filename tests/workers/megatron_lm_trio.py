@@ -22,7 +22,7 @@ def main() -> None:
 
     from megatron_prune import megatron_lm as kd
     from megatron_prune.accelerator import cuda_type_names
-    from megatron_prune.checkpoint.megatron_io import load_chunks
+    from megatron_prune.checkpoint.megatron_io import load_sharded, sharded_model_state
     from megatron_prune.checkpoint.metadata import CheckpointMeta
     from megatron_prune.data.training import (
         GlobalBatches,
@@ -54,9 +54,13 @@ def main() -> None:
     provider = kd.distillation_model_provider(student_provider)
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     pairs = [provider(vp_stage=s) for s in ([None] if vpp is None else range(vpp))]
-    load_chunks([p.student for p in pairs], Path(spec["student"]))  # Megatron-LM's --load
-    for p in pairs:
-        p.student.train()
+    # Megatron-LM's --load: dist checkpointing fills the pairs' (= the students') sharded state,
+    # then load_state_dict(strict=True) on each unwrapped chunk
+    state = load_sharded(sharded_model_state(pairs), Path(spec["student"]))
+    keys = ["model"] if len(pairs) == 1 else [f"model{i}" for i in range(len(pairs))]
+    for p, key in zip(pairs, keys, strict=True):
+        p.load_state_dict(state[key], strict=True)
+        p.train()  # Megatron-LM's train() puts every chunk in training mode
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
     model = [
         DistributedDataParallel(config=p.config, ddp_config=ddp_config, module=p,
@@ -88,7 +92,9 @@ def main() -> None:
         m.zero_grad_buffer()
     outputs = get_forward_backward_func()(
         forward_step_func=kd.forward_step,
-        data_iterator=[iter(batches) for _ in model] if len(model) > 1 else iter(batches),
+        # as Megatron-LM does: only first / last (virtual) stages get an iterator
+        data_iterator=[iter(batches) if (p.pre_process or p.post_process) else None
+                       for p in pairs] if len(model) > 1 else iter(batches),  # fmt: skip
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(batches),
         seq_length=32,
@@ -101,6 +107,8 @@ def main() -> None:
     report = {
         "grad_norm": float(grad_norm),
         "teacher_trainable": any(p.requires_grad for p in pairs[0].teacher.parameters()),
+        "teacher_in_train_mode": any(m.training for p in pairs for m in p.teacher.modules()),
+        "middle_chunks": sum(not (p.pre_process or p.post_process) for p in pairs),
         "checkpoint_holds_teacher": any("teacher" in k for k in saved),
     }
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):

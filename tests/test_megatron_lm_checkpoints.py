@@ -1,0 +1,50 @@
+"""Checkpoints Megatron-LM jobs load, and Megatron-LM checkpoints as sources.
+
+One torchrun launch (2 ranks, tests/workers/megatron_core_interop.py) on a tiny Llama:
+* our checkpoint has Megatron-LM's ``--load`` layout (tracker file, ``release/``);
+* it loads, through dist_checkpointing, into megatron-core's own standard GPT model (the local
+  spec of ``--transformer-impl local``) built from the flags ``megatron_lm_flags`` prints, with
+  no tensor missing and the same logits (fp32, 1e-5), at TP=1 and TP=2;
+* that model saved as Megatron-LM's ``--save`` does (``iter_0000010/``, ``args`` in the common
+  state, no megatron_prune.json) converts back to the same logits and architecture.
+"""
+
+import json
+
+import pytest
+
+from tests.helpers import torchrun
+from tests.tiny_models import make_hf_model, save_hf_model, save_word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, austen_calibration_text):
+    tmp = tmp_path_factory.mktemp("megatron_lm")
+    folder = save_hf_model(make_hf_model("llama", seed=2), tmp / "hf")
+    save_word_tokenizer(folder, austen_calibration_text.read_text()[:50_000])
+    spec = {"hf": str(folder), "workdir": str(tmp), "out": str(tmp / "report.json")}
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    torchrun("megatron_core_interop.py", 2, str(tmp / "spec.json"))
+    return json.loads((tmp / "report.json").read_text())
+
+
+def test_checkpoints_of_the_earlier_layout_still_load(report):
+    assert report["legacy_max_diff"] == 0.0
+
+
+def test_our_checkpoint_has_megatron_lm_layout(report):
+    assert report["tracker"] == "release"
+    for flag in ("--num-query-groups", "--kv-channels", "--group-query-attention"):
+        assert flag in report["flags"]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_standard_megatron_core_model_loads_our_checkpoint(report, tp):
+    assert report[f"load_tp{tp}"]["missing"] == []
+    assert report[f"load_tp{tp}"]["max_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_megatron_lm_save_output_converts_back(report, tp):
+    assert report[f"convert_back_tp{tp}"] <= 1e-5
+    assert report[f"back_arch_equal_tp{tp}"]
