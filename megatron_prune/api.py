@@ -32,11 +32,15 @@ from megatron_prune.distributed import ParallelLayout
 from megatron_prune.errors import DataError, UserError
 
 __all__ = [
+    "build_dataset",
+    "check_build_dataset",
     "check_convert",
+    "check_distill",
     "check_text",
     "check_prune",
     "check_score",
     "convert",
+    "distill",
     "export_hf",
     "generate",
     "megatron_lm_args",
@@ -321,3 +325,154 @@ def prune(checkpoint: str | Path, scores: str | Path, target: str | Path | dict[
     write_pruned(Path(checkpoint), meta, plan, Path(out), layout.to_dict(), options,
                  asdict(parsed), Path(scores), overwrite)  # fmt: skip
     return plan
+
+
+# ---------------------------------------------------------------------------------- distill
+
+
+def _same_vocabulary(teacher, student, teacher_path, student_path) -> None:
+    """Full-vocabulary KD compares logits id by id: the tokenizers must be the same."""
+    t, s = teacher.arch, student.arch
+    same_ids = t.vocab_size == s.vocab_size and t.padded_vocab_size == s.padded_vocab_size
+    files = [Path(p) / "tokenizer" / "tokenizer.json" for p in (teacher_path, student_path)]
+    if all(f.is_file() for f in files):
+        same_ids = same_ids and files[0].read_bytes() == files[1].read_bytes()
+    if not same_ids:
+        raise UserError(
+            f"teacher ({t.vocab_size} tokens) and student ({s.vocab_size} tokens) do not share "
+            "a tokenizer; full-vocabulary distillation needs the same one"
+        )
+
+
+def check_distill(student: str | Path, data: list[str], out: str | Path, *,
+                  options, teacher: str | Path | None = None, loss=None,
+                  eval_data: str | Path | None = None, layout: ParallelLayout | None = None,
+                  world_size: int | None = None, resume: bool = False,
+                  overwrite: bool = False) -> None:  # fmt: skip
+    """Every check of :func:`distill` that needs no model. ``world_size`` (default: the
+    current one, or tp*pp) fixes the data-parallel size the batch sizes must fit."""
+    from megatron_prune.checkpoint.atomic import OutputExistsError
+    from megatron_prune.checkpoint.metadata import CheckpointMeta
+    from megatron_prune.data.training import parse_blend
+    from megatron_prune.distill.loss import DistillLossConfig
+
+    layout = _layout(layout)
+    loss = loss or DistillLossConfig()
+    meta = CheckpointMeta.read(student)
+    meta.arch.check_layout(layout.tp, layout.pp, layout.vpp)
+    if teacher is None:
+        if loss.lm_weight != 1.0:
+            raise UserError("no --teacher: pass --lm-weight 1 to train on the LM loss alone")
+    else:
+        teacher_meta = CheckpointMeta.read(teacher)
+        teacher_meta.arch.check_layout(layout.tp, layout.pp, layout.vpp)
+        _same_vocabulary(teacher_meta, meta, teacher, student)
+    if options.train_tokens < 1 or options.seq_len < 2:
+        raise UserError("--train-tokens must be >= 1 and --seq-len >= 2")
+    if world_size is None:
+        dist = torch.distributed
+        world_size = dist.get_world_size() if dist.is_initialized() else layout.model_parallel_size
+    dp = max(world_size // layout.model_parallel_size, 1)
+    if options.global_batch % (options.micro_batch * dp):
+        raise UserError(
+            f"--global-batch {options.global_batch} must be a multiple of --micro-batch "
+            f"{options.micro_batch} x data-parallel size {dp}"
+        )
+    if layout.vpp and (options.global_batch // (options.micro_batch * dp)) % layout.pp:
+        raise UserError(
+            "an interleaved pipeline needs micro-batches per step to be a multiple of --pp "
+            f"({layout.pp}); raise --global-batch"
+        )
+    parse_blend(list(data))
+    if eval_data and not Path(eval_data).is_file():
+        raise UserError(f"--eval-data {eval_data} does not exist")
+    out = Path(out).resolve()
+    for name, path in (("--student", student), ("--teacher", teacher)):
+        if path is not None and Path(path).resolve() in (out, *out.parents):
+            raise UserError(f"--out {out} would hold or replace {name} {path}: choose "
+                            "another run folder")  # fmt: skip
+    if out.exists() and not (resume or overwrite):
+        raise OutputExistsError(out)
+    looks_like_run = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
+    if overwrite and out.is_dir() and any(out.iterdir()) and not looks_like_run:
+        raise UserError(
+            f"--overwrite would delete {out}, which is not a distill run folder "
+            "(no metrics.jsonl or checkpoints/): choose another --out"
+        )
+
+
+def distill(student: str | Path, data: list[str], out: str | Path, *,
+            options, teacher: str | Path | None = None, loss=None,
+            eval_data: str | Path | None = None, layout: ParallelLayout | None = None,
+            device: str | None = None, resume: bool = False,
+            overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Online full-vocabulary distillation of ``teacher`` into ``student`` on the indexed
+    datasets ``data`` (``[PREFIX]`` or a Megatron-LM blend ``[W1, PREFIX1, ...]``), teacher and
+    student at one ``layout``; ``options`` a ``TrainOptions`` (tokens, batch, optimiser,
+    logging), ``loss`` a ``DistillLossConfig`` (default: forward KL at T=1). Writes
+    ``out/student`` (a checkpoint every command and Megatron-LM's ``--load`` take),
+    ``out/checkpoints/step_N`` and ``out/metrics.jsonl``; returns the last metrics.
+    Collective over the world (data parallelism is what tp*pp leaves)."""
+    import shutil
+
+    from megatron_prune.data.tokenizer import load_tokenizer
+    from megatron_prune.data.training import parse_blend
+    from megatron_prune.distill.loss import DistillLossConfig
+    from megatron_prune.distill.trainer import options_dict, setup_run, train
+    from megatron_prune.distributed import initialize, model_device
+    from megatron_prune.log import is_rank0, log
+
+    layout = _layout(layout)
+    loss = loss or DistillLossConfig()
+    accel = initialize(layout, device, seed=options.seed)
+    check_distill(student, data, out, teacher=teacher, loss=loss, options=options,
+                  eval_data=eval_data, layout=layout, resume=resume,
+                  overwrite=overwrite)  # fmt: skip
+    out = Path(out)
+    if overwrite and out.exists() and is_rank0():
+        shutil.rmtree(out)
+    torch.distributed.barrier()
+    out.mkdir(parents=True, exist_ok=True)
+    eval_ids = None
+    if eval_data:
+        eval_ids = load_tokenizer(student).encode(_read_text(Path(eval_data), "--eval-data"))
+    run_config = {**options_dict(options, loss), "teacher": str(teacher) if teacher else None,
+                  "student": str(student), "data": list(data)}  # fmt: skip
+    log(f"distilling {options.steps} steps of {options.tokens_per_step} tokens at "
+        f"TP={layout.tp} PP={layout.pp} VPP={layout.vpp} SP={layout.sequence_parallel} "
+        f"DP={torch.distributed.get_world_size() // layout.model_parallel_size}")  # fmt: skip
+    job = setup_run(
+        Path(teacher) if teacher else None, Path(student), parse_blend(list(data)), out,
+        layout, model_device(accel), options,
+    )  # fmt: skip
+    state = train(job, out, loss, options, eval_ids, resume, run_config)
+    return {"steps": state.step, **state.history[-1], "student": str(out / "student")}
+
+
+# ------------------------------------------------------------------------------- data build
+
+
+def check_build_dataset(tokenizer_checkpoint: str | Path, input: str | Path,
+                        output: str | Path, *, overwrite: bool = False) -> None:  # fmt: skip
+    """Every check of :func:`build_dataset` that reads no text."""
+    from megatron_prune.checkpoint.atomic import OutputExistsError
+    from megatron_prune.data.tokenizer import load_tokenizer
+
+    if not Path(input).is_file():
+        raise UserError(f"--input {input} does not exist")
+    for ext in (".bin", ".idx"):
+        if Path(str(output) + ext).exists() and not overwrite:
+            raise OutputExistsError(Path(str(output) + ext))
+    load_tokenizer(tokenizer_checkpoint)  # fails early if the checkpoint has none
+
+
+def build_dataset(tokenizer_checkpoint: str | Path, input: str | Path, output: str | Path, *,
+                  json_key: str = "text", overwrite: bool = False):  # fmt: skip
+    """Text (blank lines separate documents) or JSONL to a Megatron indexed dataset
+    (``output.bin`` / ``output.idx``) with a checkpoint's tokenizer (``BuildReport``)."""
+    from megatron_prune.data.indexed import build_indexed_dataset
+    from megatron_prune.data.tokenizer import load_tokenizer
+
+    check_build_dataset(tokenizer_checkpoint, input, output, overwrite=overwrite)
+    return build_indexed_dataset(load_tokenizer(tokenizer_checkpoint), Path(input),
+                                 Path(output), json_key)  # fmt: skip

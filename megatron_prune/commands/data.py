@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from megatron_prune.errors import UserError
+from megatron_prune import api
 
 __all__ = ["add_arguments", "run", "validate"]
 
@@ -23,23 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def validate(args: argparse.Namespace) -> None:
-    from megatron_prune.checkpoint.atomic import OutputExistsError
-    from megatron_prune.data.tokenizer import load_tokenizer
-
-    if not Path(args.input).is_file():
-        raise UserError(f"--input {args.input} does not exist")
-    for ext in (".bin", ".idx"):
-        if Path(args.output + ext).exists() and not args.overwrite:
-            raise OutputExistsError(Path(args.output + ext))
-    load_tokenizer(args.tokenizer)  # fails early if the checkpoint has none
+    api.check_build_dataset(args.tokenizer, args.input, args.output, overwrite=args.overwrite)
 
 
 def run(args: argparse.Namespace) -> None:
-    from megatron_prune.data.indexed import build_indexed_dataset
-    from megatron_prune.data.tokenizer import load_tokenizer
-
-    validate(args)
-    report = build_indexed_dataset(
-        load_tokenizer(args.tokenizer), Path(args.input), Path(args.output), args.json_key
-    )
+    report = api.build_dataset(args.tokenizer, args.input, args.output,
+                               json_key=args.json_key, overwrite=args.overwrite)  # fmt: skip
     print(json.dumps(report.to_dict()), flush=True)

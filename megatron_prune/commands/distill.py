@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-from pathlib import Path
 
+from megatron_prune import api
 from megatron_prune.distributed import add_layout_args, layout_from_args
-from megatron_prune.errors import UserError
 
 __all__ = ["add_arguments", "run", "validate", "world_size_needed"]
 
@@ -98,99 +96,27 @@ def _options(args: argparse.Namespace):
     return loss, options
 
 
+def _world_size(args: argparse.Namespace) -> int:
+    layout = layout_from_args(args)
+    return args.nproc_per_node or layout.model_parallel_size
+
+
 def validate(args: argparse.Namespace) -> None:
     """Everything that can be checked before a process is spawned or a model is built."""
-    from megatron_prune.checkpoint.atomic import OutputExistsError
-    from megatron_prune.checkpoint.metadata import CheckpointMeta
-    from megatron_prune.data.training import parse_blend
-
-    layout = layout_from_args(args)
-    student = CheckpointMeta.read(args.student)
-    student.arch.check_layout(layout.tp, layout.pp, layout.vpp)
-    loss, _ = _options(args)  # building both configs validates their values
-    if args.teacher is None:
-        if loss.lm_weight != 1.0:
-            raise UserError("no --teacher: pass --lm-weight 1 to train on the LM loss alone")
-    else:
-        teacher = CheckpointMeta.read(args.teacher)
-        teacher.arch.check_layout(layout.tp, layout.pp, layout.vpp)
-        _check_same_vocabulary(teacher, student, args.teacher, args.student)
-    if args.train_tokens < 1 or args.seq_len < 2:
-        raise UserError("--train-tokens must be >= 1 and --seq-len >= 2")
-    dp = (args.nproc_per_node or layout.model_parallel_size) // layout.model_parallel_size
-    if args.global_batch % (args.micro_batch * max(dp, 1)):
-        raise UserError(
-            f"--global-batch {args.global_batch} must be a multiple of --micro-batch "
-            f"{args.micro_batch} x data-parallel size {dp}"
-        )
-    if layout.vpp and (args.global_batch // (args.micro_batch * max(dp, 1))) % layout.pp:
-        raise UserError(
-            "an interleaved pipeline needs micro-batches per step to be a multiple of --pp "
-            f"({layout.pp}); raise --global-batch"
-        )
-    parse_blend(args.data)
-    if args.eval_data and not Path(args.eval_data).is_file():
-        raise UserError(f"--eval-data {args.eval_data} does not exist")
-    out = Path(args.out).resolve()
-    for name, path in (("--student", args.student), ("--teacher", args.teacher)):
-        if path is not None and Path(path).resolve() in (out, *out.parents):
-            raise UserError(f"--out {args.out} would hold or replace {name} {path}: choose "
-                             "another run folder")  # fmt: skip
-    if out.exists() and not (args.resume or args.overwrite):
-        raise OutputExistsError(out)
-    looks_like_run = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
-    if args.overwrite and out.is_dir() and any(out.iterdir()) and not looks_like_run:
-        raise UserError(
-            f"--overwrite would delete {args.out}, which is not a distill run folder "
-            "(no metrics.jsonl or checkpoints/): choose another --out"
-        )
-
-
-def _check_same_vocabulary(teacher, student, teacher_path: str, student_path: str) -> None:
-    """Full-vocabulary KD compares logits id by id: the tokenizers must be the same."""
-    t, s = teacher.arch, student.arch
-    same_ids = t.vocab_size == s.vocab_size and t.padded_vocab_size == s.padded_vocab_size
-    files = [Path(p) / "tokenizer" / "tokenizer.json" for p in (teacher_path, student_path)]
-    if all(f.is_file() for f in files):
-        same_ids = same_ids and files[0].read_bytes() == files[1].read_bytes()
-    if not same_ids:
-        raise UserError(
-            f"teacher ({t.vocab_size} tokens) and student ({s.vocab_size} tokens) do not share "
-            "a tokenizer; full-vocabulary distillation needs the same one"
-        )
+    loss, options = _options(args)  # building both configs validates their values
+    api.check_distill(args.student, args.data, args.out, teacher=args.teacher, loss=loss,
+                      options=options, eval_data=args.eval_data, layout=layout_from_args(args),
+                      world_size=_world_size(args), resume=args.resume,
+                      overwrite=args.overwrite)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
+    from megatron_prune.log import is_rank0
 
-    from megatron_prune.data.tokenizer import load_tokenizer
-    from megatron_prune.data.training import parse_blend
-    from megatron_prune.distill.trainer import options_dict, setup_run, train
-    from megatron_prune.distributed import initialize, model_device
-    from megatron_prune.log import is_rank0, log
-
-    validate(args)
     loss, options = _options(args)
-    layout = layout_from_args(args)
-    accel = initialize(layout, args.device, seed=args.seed)
-    out = Path(args.out)
-    if args.overwrite and out.exists() and is_rank0():
-        shutil.rmtree(out)
-    torch.distributed.barrier()
-    out.mkdir(parents=True, exist_ok=True)
-    eval_ids = None
-    if args.eval_data:
-        eval_ids = load_tokenizer(args.student).encode(Path(args.eval_data).read_text("utf-8"))
-    run_config = {**options_dict(options, loss), "teacher": args.teacher,
-                  "student": args.student, "data": args.data}  # fmt: skip
-    log(f"distilling {options.steps} steps of {options.tokens_per_step} tokens at "
-        f"TP={layout.tp} PP={layout.pp} VPP={layout.vpp} SP={layout.sequence_parallel} "
-        f"DP={torch.distributed.get_world_size() // layout.model_parallel_size}")  # fmt: skip
-    job = setup_run(
-        Path(args.teacher) if args.teacher else None, Path(args.student),
-        parse_blend(args.data), out, layout, model_device(accel), options,
-    )  # fmt: skip
-    state = train(job, out, loss, options, eval_ids, args.resume, run_config)
+    result = api.distill(args.student, args.data, args.out, teacher=args.teacher, loss=loss,
+                         options=options, eval_data=args.eval_data,
+                         layout=layout_from_args(args), device=args.device,
+                         resume=args.resume, overwrite=args.overwrite)  # fmt: skip
     if is_rank0():
-        print(json.dumps({"steps": state.step, **state.history[-1],
-                          "student": str(out / "student")}), flush=True)  # fmt: skip
+        print(json.dumps(result), flush=True)
