@@ -95,6 +95,12 @@ def main() -> None:
     report["identity_equal"] = bool(torch.equal(logits(same, tokens), source))
 
     dropped = prune(work, "drop1", "ref", {"drop_layers": [1]})
+    drop_meta = json.loads((dropped / "megatron_prune.json").read_text())
+    report["drop_info"] = {  # what the assertion message shows if the comparison fails
+        "kept": drop_meta["provenance"]["kept_layers"],
+        "local_layers": drop_meta["arch"]["local_layers"],
+        "rank": torch.distributed.get_rank(),
+    }
     report["drop_vs_skip_max_diff"] = float(
         (logits(dropped, tokens) - logits(work / "ckpt", tokens, skip=1)).abs().max()
     )
