@@ -81,14 +81,9 @@ def load_chunks(chunks: list[torch.nn.Module], directory: Path) -> None:
 def load_sharded(template: dict, directory: Path) -> dict:
     """Collective: ``dist_checkpointing.load`` with errors that name the damaged checkpoint.
     ``directory`` may be a Megatron-LM ``--save`` folder (tracker file + ``iter_*/``)."""
-    from megatron_prune.checkpoint.megatron_lm_format import check_dist_format, tensor_directory
+    from megatron_prune.checkpoint.megatron_lm_format import dist_checkpoint_directory
 
-    check_dist_format(directory)
-    directory = tensor_directory(directory)
-    if not (directory / "metadata.json").is_file():
-        raise CheckpointError(
-            f"{directory} holds no Megatron dist checkpoint (metadata.json missing)"
-        )
+    directory = dist_checkpoint_directory(directory)
     _use_stored_norm_keys(template, directory)
     try:
         return dist_checkpointing.load(template, str(directory))
@@ -101,14 +96,9 @@ def load_sharded(template: dict, directory: Path) -> dict:
 
 def stored_keys(directory: Path) -> set[str]:
     """The tensor keys a dist checkpoint holds (from its index; no tensor is read)."""
-    from torch.distributed.checkpoint import FileSystemReader
+    from megatron_prune.checkpoint.partial import read_index
 
-    try:
-        return set(FileSystemReader(str(directory)).read_metadata().state_dict_metadata)
-    except Exception as err:  # a missing or truncated .metadata file
-        raise CheckpointError(
-            f"{directory}: cannot read the dist checkpoint's index ({err})"
-        ) from err
+    return set(read_index(directory).state_dict_metadata)
 
 
 def legacy_norm_key(key: str) -> str:

@@ -51,8 +51,9 @@ def tensor_directory(path: str | Path) -> Path:
     return path / f"iter_{iteration:07d}"
 
 
-def check_dist_format(path: str | Path) -> None:
-    """Refuse Megatron-LM's legacy per-rank format with the way out."""
+def dist_checkpoint_directory(path: str | Path) -> Path:
+    """The folder of ``path``'s dist checkpoint (see :func:`tensor_directory`), refusing what
+    holds none: Megatron-LM's legacy per-rank format (with the way out) or no metadata.json."""
     directory = tensor_directory(path)
     if directory.is_dir() and any(directory.glob("mp_rank_*")):
         raise CheckpointError(
@@ -60,6 +61,11 @@ def check_dist_format(path: str | Path) -> None:
             "which is not supported yet: re-save it with Megatron-LM's --ckpt-format torch_dist "
             "(e.g. --load it and --save with --ckpt-convert-format torch_dist)"
         )
+    if not (directory / "metadata.json").is_file():
+        raise CheckpointError(
+            f"{directory} holds no Megatron dist checkpoint (metadata.json missing)"
+        )
+    return directory
 
 
 # --------------------------------------------------------------------- architecture -> args
@@ -236,12 +242,7 @@ def saved_args(path: str | Path) -> Any:
     """The ``args`` Megatron-LM stored in a checkpoint's common state."""
     from megatron.core.dist_checkpointing import load_common_state_dict
 
-    check_dist_format(path)
-    directory = tensor_directory(path)
-    if not (directory / "metadata.json").is_file():
-        raise CheckpointError(
-            f"{path}: {directory.name}/ holds no dist checkpoint (metadata.json missing)"
-        )
+    directory = dist_checkpoint_directory(path)
     try:
         common = load_common_state_dict(directory)
     except Exception as err:  # an unpicklable or damaged common.pt

@@ -66,6 +66,17 @@ class _RegionPlanner(DefaultLoadPlanner):
         return self.regions[index.fqn][0]
 
 
+def read_index(directory: Path):
+    """The DCP index (``.metadata``) of the dist checkpoint in ``directory``: every stored
+    tensor's key, shape and chunks. No tensor is read."""
+    try:
+        return FileSystemReader(str(directory)).read_metadata()
+    except Exception as err:  # a missing or truncated .metadata file
+        raise CheckpointError(
+            f"{directory}: cannot read the dist checkpoint's index ({err})"
+        ) from err
+
+
 def _tag(item, rid: str):
     """Point a read item's destination at request ``rid`` (two requests may read one key)."""
     from dataclasses import replace
@@ -79,23 +90,10 @@ class CheckpointReader:
     megatron-core, read on demand."""
 
     def __init__(self, directory: str | Path) -> None:
-        from megatron_prune.checkpoint.megatron_lm_format import (
-            check_dist_format,
-            tensor_directory,
-        )
+        from megatron_prune.checkpoint.megatron_lm_format import dist_checkpoint_directory
 
-        check_dist_format(directory)
-        self.directory = tensor_directory(directory)
-        if not (self.directory / "metadata.json").is_file():
-            raise CheckpointError(
-                f"{directory} holds no Megatron dist checkpoint (metadata.json missing)"
-            )
-        try:
-            metadata = FileSystemReader(str(self.directory)).read_metadata()
-        except Exception as err:  # a missing or truncated .metadata file
-            raise CheckpointError(
-                f"{directory}: cannot read the dist checkpoint's index ({err})"
-            ) from err
+        self.directory = dist_checkpoint_directory(directory)
+        metadata = read_index(self.directory)
         from megatron_prune.checkpoint.megatron_io import legacy_norm_key
 
         self.index: dict[str, StoredTensor] = {}
