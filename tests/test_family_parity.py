@@ -23,6 +23,7 @@ LAYOUTS = [
     {"tp": 1},
 ]
 TOLERANCE = 1e-4  # fp32; logits are O(1)
+ATTENTION_TOLERANCE = 1e-5  # fused (SDPA) vs megatron-core's local attention, same weights
 
 
 def _pangu_case(tmp):
@@ -35,7 +36,7 @@ def _pangu_case(tmp):
     return model.eval(), save_reference_model(model, arch, tmp / "pangu_hf")
 
 
-def run_parity(tmp, layouts, nproc):
+def run_parity(tmp, layouts, nproc, compare_local_attention=False):
     """Make every family's reference, then convert at TP=2 and compare at ``layouts``."""
     tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.save(tokens, tmp / "tokens.pt")
@@ -56,7 +57,8 @@ def run_parity(tmp, layouts, nproc):
             "tokens": str(tmp / "tokens.pt"), "ref": str(tmp / f"{family}_ref.pt"),
         })  # fmt: skip
     spec = {"cases": cases, "convert_layout": {"tp": 2}, "layouts": layouts,
-            "out": str(tmp / "report.json")}  # fmt: skip
+            "out": str(tmp / "report.json"),
+            "compare_local_attention": compare_local_attention}  # fmt: skip
     (tmp / "spec.json").write_text(json.dumps(spec))
     torchrun("parity.py", nproc, str(tmp / "spec.json"))
     return json.loads((tmp / "report.json").read_text())
@@ -64,7 +66,9 @@ def run_parity(tmp, layouts, nproc):
 
 @pytest.fixture(scope="module")
 def parity_report(tmp_path_factory):
-    return run_parity(tmp_path_factory.mktemp("parity"), LAYOUTS, nproc=2)
+    return run_parity(
+        tmp_path_factory.mktemp("parity"), LAYOUTS, nproc=2, compare_local_attention=True
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3", "pangu"])
@@ -72,6 +76,15 @@ def parity_report(tmp_path_factory):
 def test_logits_match_reference(parity_report, family, layout):
     diff = parity_report[family][json.dumps(layout, sort_keys=True)]
     assert diff <= TOLERANCE, f"{family} at {layout}: max |logit diff| {diff:.2e}"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3", "pangu"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()))
+def test_fused_attention_equals_local(parity_report, family, layout):
+    """The default core attention (SDPA: causal, GQA, Gemma 3's sliding window and softmax
+    scale, QK-norm upstream) gives the logits of megatron-core's DotProductAttention."""
+    diff = parity_report[family + ":fused_vs_local"][json.dumps(layout, sort_keys=True)]
+    assert diff <= ATTENTION_TOLERANCE, f"{family} at {layout}: fused vs local {diff:.2e}"
 
 
 @pytest.mark.slow

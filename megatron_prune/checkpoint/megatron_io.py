@@ -172,6 +172,7 @@ def load_model(
     sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
+    attention_backend: str = "auto",
 ) -> LoadedModel:
     """Build this rank's chunks for the checkpoint's architecture at the current parallel state
     and load them. Megatron's parallel state must already be initialised."""
@@ -184,6 +185,7 @@ def load_model(
         params_dtype=params_dtype,
         device=device,
         initialize=False,
+        attention_backend=attention_backend,
     )
     load_chunks(chunks, Path(directory))
     return LoadedModel(meta=meta, chunks=chunks, path=Path(directory))

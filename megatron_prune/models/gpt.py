@@ -149,13 +149,17 @@ def _embedding_scaler(scale: float):
 
 
 def build_chunk(
-    arch: ModelArch, config: TransformerConfig, vp_stage: int | None = None
+    arch: ModelArch,
+    config: TransformerConfig,
+    vp_stage: int | None = None,
+    attention_backend: str = "auto",
 ) -> GPTModel:
     """One GPTModel holding this rank's layers of virtual-pipeline chunk ``vp_stage``."""
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     n_local = get_num_layers_to_build(config, vp_stage=vp_stage)
-    block = TransformerBlockSubmodules(layer_specs=[layer_spec(arch)] * n_local, layer_norm=RMSNorm)
+    spec = layer_spec(arch, attention_backend=attention_backend)
+    block = TransformerBlockSubmodules(layer_specs=[spec] * n_local, layer_norm=RMSNorm)
     model = GPTModel(
         config=config,
         transformer_layer_spec=block,
@@ -181,9 +185,11 @@ def build_model(
     params_dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
     initialize: bool = True,
+    attention_backend: str = "auto",
 ) -> list[GPTModel]:
     """This rank's model chunks (one unless a virtual pipeline is in use), in eval mode.
-    ``initialize=False`` skips random initialisation when weights are loaded right after."""
+    ``initialize=False`` skips random initialisation when weights are loaded right after;
+    ``attention_backend`` is ``--attention-backend`` (:mod:`megatron_prune.models.attention`)."""
     config = transformer_config(
         arch,
         sequence_parallel=sequence_parallel,
@@ -193,7 +199,7 @@ def build_model(
     )
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     stages = [None] if vpp is None else list(range(vpp))
-    chunks = [build_chunk(arch, config, vp_stage=s) for s in stages]
+    chunks = [build_chunk(arch, config, s, attention_backend) for s in stages]
     for chunk in chunks:
         if not initialize:
             tag_tensor_parallel_params(chunk)

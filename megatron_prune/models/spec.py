@@ -9,7 +9,6 @@ from __future__ import annotations
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -20,6 +19,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_prune.models.arch import ModelArch
+from megatron_prune.models.attention import core_attention_module
 from megatron_prune.models.layers import LocalRopeSelfAttention, PostNormRowParallelLinear
 from megatron_prune.models.norm import QKNorm, RMSNorm
 
@@ -32,13 +32,17 @@ NORM_CHECKPOINT_KEYS = {
 }
 
 
-def layer_spec(arch: ModelArch, post_norms: bool | None = None) -> ModuleSpec:
+def layer_spec(
+    arch: ModelArch, post_norms: bool | None = None, attention_backend: str = "auto"
+) -> ModuleSpec:
     """The TransformerLayer spec for ``arch``.
 
     Pre-norm block:      x + Attn(N1(x));            x + MLP(N2(x))
     Sandwich block:      x + N3(Attn(N1(x)));        x + N4(MLP(N2(x)))
     where N3/N4 live inside the output projections (:class:`PostNormRowParallelLinear`).
     ``post_norms`` overrides ``arch.post_norms`` (e.g. to build the absorbed or norm-free variant).
+    ``attention_backend`` picks the core attention (:func:`~megatron_prune.models.attention.
+    core_attention_module`); it changes no parameter, so checkpoints do not depend on it.
     """
     sandwich = arch.post_norms if post_norms is None else post_norms
     projection = PostNormRowParallelLinear if sandwich else RowParallelLinear
@@ -55,7 +59,7 @@ def layer_spec(arch: ModelArch, post_norms: bool | None = None) -> ModuleSpec:
                 },
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=DotProductAttention,
+                    core_attention=core_attention_module(attention_backend),
                     linear_proj=projection,
                     q_layernorm=qk_norm,
                     k_layernorm=qk_norm,

@@ -14,7 +14,7 @@ def convert(src: str, ckpt: Path, layout: dict) -> None:
     to_megatron(open_source(src), ckpt, ParallelLayout(**layout), overwrite=True, device="cpu")
 
 
-def logits_at(ckpt: Path, layout: dict, tokens: torch.Tensor):
+def logits_at(ckpt: Path, layout: dict, tokens: torch.Tensor, attention_backend: str = "auto"):
     """(model, whole logits) of ``ckpt`` loaded at ``layout`` (collective)."""
     from megatron_prune.checkpoint.megatron_io import load_model
     from megatron_prune.distributed import ParallelLayout, initialize
@@ -22,5 +22,7 @@ def logits_at(ckpt: Path, layout: dict, tokens: torch.Tensor):
 
     lay = ParallelLayout(**layout)
     initialize(lay, "cpu")
-    model = load_model(ckpt, sequence_parallel=lay.sequence_parallel)
+    model = load_model(
+        ckpt, sequence_parallel=lay.sequence_parallel, attention_backend=attention_backend
+    )
     return model, full_logits(model.chunks, tokens, model.arch.vocab_size)

@@ -1,5 +1,6 @@
 """Convert each case's source at one layout, then compute its logits at several layouts and
-compare with reference logits. Run under torchrun; rank 0 writes a JSON report.
+compare with reference logits (and, with ``compare_local_attention``, the default fused core
+attention with megatron-core's local one). Run under torchrun; rank 0 writes a JSON report.
 
 usage: parity.py SPEC.json   (see tests/test_family_parity.py for the spec's fields)
 """
@@ -22,11 +23,16 @@ def main() -> None:
             convert(case["src"], ckpt, spec["convert_layout"])
         tokens = torch.load(case["tokens"])
         ref = torch.load(case["ref"])
-        diffs = {}
+        diffs, fused_vs_local = {}, {}
         for layout in spec["layouts"]:
+            key = json.dumps(layout, sort_keys=True)
             _, logits = logits_at(ckpt, layout, tokens)
-            diffs[json.dumps(layout, sort_keys=True)] = float((logits - ref).abs().max())
+            diffs[key] = float((logits - ref).abs().max())
+            if spec.get("compare_local_attention"):
+                _, local = logits_at(ckpt, layout, tokens, attention_backend="local")
+                fused_vs_local[key] = float((logits - local).abs().max())
         report[case["name"]] = diffs
+        report[case["name"] + ":fused_vs_local"] = fused_vs_local
     if torch.distributed.get_rank() == 0:
         Path(spec["out"]).write_text(json.dumps(report, indent=2))
     torch.distributed.destroy_process_group()
