@@ -96,16 +96,26 @@ class Shape:
         return all(w % tp == 0 for w in widths) and self.num_layers % pp == 0
 
 
+def _named(name: str, **target: int) -> Shape:
+    """A shape of the library's table (megatron_prune.models.shapes) with a pruning target."""
+    from megatron_prune.models.shapes import SHAPES as NAMED
+
+    a = NAMED[name]
+    return Shape(
+        num_layers=a.num_layers, hidden_size=a.hidden_size,
+        num_attention_heads=a.num_attention_heads, num_query_groups=a.num_query_groups,
+        head_dim=a.head_dim, ffn_hidden_size=a.ffn_hidden_size, vocab_size=a.vocab_size,
+        tie_embeddings=a.tie_embeddings, norm_eps=a.norm_eps, rope_theta=a.rope_theta,
+        max_position_embeddings=a.max_position_embeddings, **target,
+    )  # fmt: skip
+
+
 SHAPES: dict[str, Shape] = {
-    "llama-3.2-1b": Shape(
-        num_layers=16, hidden_size=2048, num_attention_heads=32, num_query_groups=8, head_dim=64,
-        ffn_hidden_size=8192, vocab_size=128256,
-        target_hidden_size=1536, target_num_layers=14, target_ffn_hidden_size=5120,
+    "llama-3.2-1b": _named(
+        "llama-3.2-1b", target_hidden_size=1536, target_num_layers=14, target_ffn_hidden_size=5120
     ),
-    "llama-3.2-3b": Shape(
-        num_layers=28, hidden_size=3072, num_attention_heads=24, num_query_groups=8, head_dim=128,
-        ffn_hidden_size=8192, vocab_size=128256,
-        target_hidden_size=2304, target_num_layers=24, target_ffn_hidden_size=5120,
+    "llama-3.2-3b": _named(
+        "llama-3.2-3b", target_hidden_size=2304, target_num_layers=24, target_ffn_hidden_size=5120
     ),
     # a functional check in a minute or two: TP=4 and PP=2 divide it
     "tiny": Shape(
