@@ -17,6 +17,10 @@ pipeline chunk Megatron-LM builds becomes a :class:`~megatron_prune.distill.pair
 DistillationChunk` (student + frozen teacher of the same stage), so DDP, the distributed
 optimizer and the 1F1B / interleaved schedules run unchanged and only the student trains and is
 checkpointed. Outside Megatron-LM, call :func:`configure` instead of passing the flags.
+
+MindSpeed-LLM's ``pretrain`` (``mindspeed_llm.training.training``, which runs Megatron-LM
+core_v0.12's model building and ``train_step``) takes the same three with the same
+``extra_args_provider`` keyword; docs/megatron_lm.md lists the lines for both.
 """
 
 from __future__ import annotations
@@ -81,17 +85,21 @@ def configure(settings: KDSettings) -> None:
     _teachers.clear()
 
 
+def settings_from_args(args: argparse.Namespace) -> KDSettings:
+    """The settings the --kd-* flags (and Megatron-LM's ``--sequence-parallel``) describe."""
+    loss = DistillLossConfig(temperature=args.kd_temperature, reverse=args.kd_reverse,
+                             top_k=args.kd_top_k, lm_weight=args.kd_lm_weight)  # fmt: skip
+    return KDSettings(Path(args.kd_teacher), loss, args.kd_teacher_bf16,
+                      bool(getattr(args, "sequence_parallel", False)))  # fmt: skip
+
+
 def settings() -> KDSettings:
     """The active settings: :func:`configure`'s, else Megatron-LM's parsed --kd-* flags."""
     global _settings
     if _settings is None:
         from megatron.training import get_args  # Megatron-LM, not megatron-core
 
-        args = get_args()
-        loss = DistillLossConfig(temperature=args.kd_temperature, reverse=args.kd_reverse,
-                                 top_k=args.kd_top_k, lm_weight=args.kd_lm_weight)  # fmt: skip
-        _settings = KDSettings(Path(args.kd_teacher), loss, args.kd_teacher_bf16,
-                               args.sequence_parallel)  # fmt: skip
+        _settings = settings_from_args(get_args())
     return _settings
 
 
@@ -114,14 +122,30 @@ def _teacher_chunk(vp_stage: int | None) -> torch.nn.Module:
     return _teachers[vp_stage]
 
 
+def _virtual_stage(kwargs: dict) -> int | None:
+    """The virtual pipeline stage a provider call builds. Megatron-LM core_v0.13 and later pass
+    ``vp_stage=i``; core_v0.12 (the Megatron-LM under MindSpeed-LLM) passes no ``vp_stage`` and
+    sets the virtual rank in parallel_state before each call instead (training.py:901-909 of
+    core_v0.12.1's ``get_model``)."""
+    if kwargs.get("vp_stage") is not None:
+        return kwargs["vp_stage"]
+    from megatron.core import parallel_state
+
+    if parallel_state.get_virtual_pipeline_model_parallel_world_size() is None:
+        return None
+    return parallel_state.get_virtual_pipeline_model_parallel_rank()
+
+
 def distillation_model_provider(student_provider: Callable[..., torch.nn.Module]):
     """Wrap a Megatron-LM model provider: each student chunk it builds is paired with the
-    teacher's chunk of the same (virtual) pipeline stage."""
+    teacher's chunk of the same (virtual) pipeline stage. The student provider gets exactly the
+    arguments the training loop passed (MindSpeed-LLM's ``model_provider`` takes only
+    ``pre_process`` and ``post_process``)."""
 
-    def provider(pre_process: bool = True, post_process: bool = True, vp_stage=None, **kwargs):
-        teacher = _teacher_chunk(vp_stage)
+    def provider(pre_process: bool = True, post_process: bool = True, **kwargs):
+        teacher = _teacher_chunk(_virtual_stage(kwargs))
         student = student_provider(pre_process=pre_process, post_process=post_process,
-                                   vp_stage=vp_stage, **kwargs)  # fmt: skip
+                                   **kwargs)  # fmt: skip
         if student.config.sequence_parallel != settings().sequence_parallel:
             raise UserError("teacher and student must agree on sequence parallelism")
         student.config.calculate_per_token_loss = True
@@ -130,10 +154,33 @@ def distillation_model_provider(student_provider: Callable[..., torch.nn.Module]
     return provider
 
 
+class LossReport(tuple):
+    """One logged value of one micro-batch, ``(sum, tokens)`` summed over the data-parallel
+    ranks, in a form both generations of Megatron-LM's ``train_step`` average by tokens:
+
+    * core_v0.12 (and MindSpeed-LLM, which runs it) reads a tuple or list as (numerator,
+      denominator) and reduces nothing over data parallelism itself, so the loss function
+      must (``pretrain_gpt.py``'s own returns ``(reporting_loss[0], reporting_loss[1])``
+      after a DP all-reduce); a tensor there is averaged per micro-batch and breaks the log.
+    * core_v0.13 and later call ``.view(-1)`` on each value, expect two elements and sum them
+      over data parallelism: both entries grow by the same factor, the ratio it logs is
+      unchanged.
+    """
+
+    def view(self, *shape: int) -> torch.Tensor:
+        return torch.stack(tuple(self)).view(*shape)
+
+
 def loss_func(labels: torch.Tensor, loss_mask: torch.Tensor, output):
-    """Megatron loss function on the last stage: (summed loss, tokens, {name: [sum, tokens]})."""
+    """Megatron loss function on the last stage: (summed loss, tokens, {name: LossReport})."""
+    from megatron.core import parallel_state
+
     cfg = settings()
-    return distillation_loss(cfg.loss, cfg.vocab_size, labels, loss_mask, output)
+    total, tokens, report = distillation_loss(cfg.loss, cfg.vocab_size, labels, loss_mask, output)
+    names = list(report)
+    summed = torch.stack([report[n] for n in names])  # [metrics, 2]: one all-reduce for all
+    torch.distributed.all_reduce(summed, group=parallel_state.get_data_parallel_group())
+    return total, tokens, {n: LossReport(summed[i].unbind()) for i, n in enumerate(names)}
 
 
 _NO_DATA = {"tokens": None, "position_ids": None, "attention_mask": None, "labels": None,
