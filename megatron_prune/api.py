@@ -30,14 +30,16 @@ import torch
 from megatron_prune.checkpoint.atomic import check_output
 from megatron_prune.distributed import ParallelLayout
 from megatron_prune.errors import DataError, UserError
+from megatron_prune.inputs import check_utf8
+from megatron_prune.inputs import read_text as _read_text
+from megatron_prune.paths import check_not_input, check_unlocked, check_writable
 
 __all__ = [
-    "bench",
     "build_dataset",
-    "check_bench",
     "check_build_dataset",
     "check_convert",
     "check_distill",
+    "check_perplexity",
     "check_text",
     "check_prune",
     "check_score",
@@ -65,15 +67,20 @@ def check_text(path: str | Path, flag: str) -> Path:
         raise DataError(f"{flag} {path} does not exist")
     if path.stat().st_size == 0:
         raise DataError(f"{flag} {path} is empty")
+    check_utf8(path, flag)
     return path
 
 
-def _read_text(path: Path, flag: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{flag} {path} is not UTF-8 text ({err.reason} at byte {err.start}): "
-                        "convert it to UTF-8") from None  # fmt: skip
+def _check_sequence_parallel(layout: ParallelLayout, lengths: dict[str, int]) -> None:
+    """Sequence parallelism splits every sequence over the TP ranks: each length must divide."""
+    if not layout.sequence_parallel:
+        return
+    bad = {what: n for what, n in lengths.items() if n % layout.tp}
+    if bad:
+        said = ", ".join(f"{what} {n}" for what, n in bad.items())
+        raise UserError(f"--sequence-parallel splits each sequence over TP={layout.tp} ranks, "
+                        f"but {said} is not a multiple of {layout.tp}: choose multiples of "
+                        f"{layout.tp} or drop --sequence-parallel")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- convert
@@ -88,6 +95,7 @@ def check_convert(src: str, dst: str | Path, *, to: str = "megatron",
     layout = _layout(layout)
     if to not in ("megatron", "hf"):
         raise UserError(f"--to {to!r}: choose megatron or hf")
+    check_not_input(dst, "DST", {"SRC": src, "--tokenizer": tokenizer})
     check_output(Path(dst), overwrite)
     source = open_source(src, tokenizer)
     if to == "hf" and layout.model_parallel_size != 1:
@@ -159,12 +167,45 @@ def perplexity(checkpoint: str | Path, data: str | Path, *, seq_len: int = 512,
     from megatron_prune.data.tokenizer import load_tokenizer
     from megatron_prune.evaluate.perplexity import perplexity as run_perplexity
 
-    data = check_text(data, "--data")
+    ids = check_perplexity(checkpoint, data, seq_len=seq_len, max_tokens=max_tokens,
+                           layout=layout)  # fmt: skip
     tokenizer = load_tokenizer(checkpoint)
-    ids = tokenizer.encode(_read_text(data, "--data"))
+    if ids is None:
+        ids = tokenizer.encode(_read_text(Path(data), "--data"))
     model = open_model(checkpoint, layout, device)
     bos = tokenizer.bos_id if model.arch.needs_bos else None
     return run_perplexity(model.chunks, ids, seq_len, model.arch.vocab_size, bos, max_tokens)
+
+
+def check_perplexity(checkpoint: str | Path, data: str | Path, *, seq_len: int = 512,
+                     max_tokens: int | None = None,
+                     layout: ParallelLayout | None = None) -> list[int] | None:  # fmt: skip
+    """Every check of :func:`perplexity` that needs no weights. With sequence parallelism the
+    text is tokenized here (every window, the last one too, must split over TP) and its ids
+    are returned; otherwise None."""
+    from megatron_prune.checkpoint.metadata import CheckpointMeta
+
+    layout = _layout(layout)
+    arch = CheckpointMeta.read(checkpoint).arch
+    arch.check_layout(layout.tp, layout.pp, layout.vpp)
+    data = check_text(data, "--data")
+    if seq_len < 2:
+        raise UserError("--seq-len must be at least 2")
+    if not layout.sequence_parallel:
+        return None
+    from megatron_prune.data.tokenizer import load_tokenizer
+    from megatron_prune.evaluate.perplexity import windows
+
+    tokenizer = load_tokenizer(checkpoint)
+    ids = tokenizer.encode(_read_text(data, "--data"))
+    bos = tokenizer.bos_id if arch.needs_bos else None
+    wins = list(windows(ids[:max_tokens] if max_tokens is not None else ids, seq_len, bos))
+    last = wins[-1] if wins else None
+    lengths = {"--seq-len": seq_len}
+    if last is not None and len(last) != seq_len:
+        lengths["the last window of --data (tokens left at its end; see --max-tokens)"] = len(last)
+    _check_sequence_parallel(layout, lengths)
+    return ids
 
 
 def generate(checkpoint: str | Path, prompt: str, *, max_new_tokens: int = 32,
@@ -188,11 +229,14 @@ def generate(checkpoint: str | Path, prompt: str, *, max_new_tokens: int = 32,
 
 def check_score(checkpoint: str | Path, data: str | Path, out: str | Path, *,
                 layout: ParallelLayout | None = None, resume: bool = False,
-                overwrite: bool = False) -> None:  # fmt: skip
+                overwrite: bool = False, seq_len: int | None = None) -> None:  # fmt: skip
     """Every check of :func:`score` that needs no weights."""
     from megatron_prune.checkpoint.metadata import CheckpointMeta
 
     layout = _layout(layout)
+    check_not_input(out, "--out", {"CHECKPOINT": checkpoint, "--data": data})
+    if seq_len is not None:
+        _check_sequence_parallel(layout, {"--seq-len": seq_len})
     meta = CheckpointMeta.read(checkpoint)
     meta.arch.check_layout(layout.tp, layout.pp, layout.vpp)
     if meta.arch.heterogeneous:
@@ -221,7 +265,8 @@ def score(checkpoint: str | Path, data: str | Path, out: str | Path, *, samples:
     from megatron_prune.importance.scoring import DEFAULT_METRICS, ScoreJob, run_score_job
 
     layout = _layout(layout)
-    check_score(checkpoint, data, out, layout=layout, resume=resume, overwrite=overwrite)
+    check_score(checkpoint, data, out, layout=layout, resume=resume, overwrite=overwrite,
+                seq_len=seq_len)  # fmt: skip
     job = ScoreJob(
         checkpoint=str(Path(checkpoint).resolve()), data=str(data), samples=samples,
         seq_len=seq_len, out=str(out), metrics=sorted(set(metrics or DEFAULT_METRICS)),
@@ -244,6 +289,7 @@ def check_plan(checkpoint: str | Path, scores: str | Path | None, out: str | Pat
     """Every check of :func:`plan`; returns the checked ``PlanInputs``."""
     from megatron_prune.plan.planfile import check_plan_inputs
 
+    check_not_input(out, "--out", {"CHECKPOINT": checkpoint, "--scores": scores})
     return check_plan_inputs(checkpoint, scores, out, budget=budget, strategy=strategy, tp=tp,
                              pp=pp, prune=prune, alpha_eps=alpha_eps, seq_len=seq_len,
                              overwrite=overwrite)  # fmt: skip
@@ -282,6 +328,9 @@ def check_prune(checkpoint: str | Path, scores: str | Path, target: str | Path |
 
     layout = _layout(layout)
     options = options or PruneOptions()
+    target_file = None if isinstance(target, dict) else target
+    check_not_input(out, "--out", {"CHECKPOINT": checkpoint, "--scores": scores,
+                                   "--target": target_file})  # fmt: skip
     check_output(Path(out), overwrite)
     meta = CheckpointMeta.read(checkpoint)
     if not isinstance(target, dict) and not Path(target).is_file():
@@ -371,6 +420,7 @@ def check_distill(student: str | Path, data: list[str], out: str | Path, *,
         _same_vocabulary(teacher_meta, meta, teacher, student)
     if options.train_tokens < 1 or options.seq_len < 2:
         raise UserError("--train-tokens must be >= 1 and --seq-len >= 2")
+    _check_sequence_parallel(layout, {"--seq-len": options.seq_len})
     if world_size is None:
         dist = torch.distributed
         world_size = dist.get_world_size() if dist.is_initialized() else layout.model_parallel_size
@@ -385,14 +435,16 @@ def check_distill(student: str | Path, data: list[str], out: str | Path, *,
             "an interleaved pipeline needs micro-batches per step to be a multiple of --pp "
             f"({layout.pp}); raise --global-batch"
         )
-    parse_blend(list(data))
-    if eval_data and not Path(eval_data).is_file():
-        raise UserError(f"--eval-data {eval_data} does not exist")
+    prefixes, _ = parse_blend(list(data))
+    if eval_data:
+        check_text(eval_data, "--eval-data")
+    check_not_input(out, "--out", {
+        "--student": student, "--teacher": teacher, "--eval-data": eval_data,
+        "--data": [p + ext for p in prefixes for ext in (".bin", ".idx")],
+    })  # fmt: skip
     out = Path(out).resolve()
-    for name, path in (("--student", student), ("--teacher", teacher)):
-        if path is not None and Path(path).resolve() in (out, *out.parents):
-            raise UserError(f"--out {out} would hold or replace {name} {path}: choose "
-                            "another run folder")  # fmt: skip
+    check_writable(out)
+    check_unlocked(out)
     if out.exists() and not (resume or overwrite):
         raise OutputExistsError(out)
     looks_like_run = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
@@ -463,8 +515,12 @@ def check_build_dataset(tokenizer_checkpoint: str | Path, input: str | Path,
     if not Path(input).is_file():
         raise UserError(f"--input {input} does not exist")
     for ext in (".bin", ".idx"):
+        check_not_input(str(output) + ext, "--output",
+                        {"--input": input, "--tokenizer": tokenizer_checkpoint})  # fmt: skip
         if Path(str(output) + ext).exists() and not overwrite:
             raise OutputExistsError(Path(str(output) + ext))
+        check_writable(str(output) + ext)
+    check_unlocked(output)
     load_tokenizer(tokenizer_checkpoint)  # fails early if the checkpoint has none
 
 
@@ -478,100 +534,3 @@ def build_dataset(tokenizer_checkpoint: str | Path, input: str | Path, output: s
     check_build_dataset(tokenizer_checkpoint, input, output, overwrite=overwrite)
     return build_indexed_dataset(load_tokenizer(tokenizer_checkpoint), Path(input),
                                  Path(output), json_key)  # fmt: skip
-
-# ------------------------------------------------------------------------------------ bench
-
-
-def check_bench(checkpoints: list[str | Path] = (), shapes: list[str] = (), *,
-                options=None, precision: str = "auto", attention_backend: str = "auto",
-                layout: ParallelLayout | None = None, out: str | Path | None = None,
-                overwrite: bool = False) -> list:  # fmt: skip
-    """Every check of :func:`bench` that builds no model; returns the ``ModelSpec`` list."""
-    from megatron_prune.bench.measure import BenchOptions
-    from megatron_prune.bench.run import check_options, model_specs
-    from megatron_prune.compute import ComputeOptions
-
-    layout = _layout(layout)
-    ComputeOptions(attention_backend=attention_backend, precision=precision)
-    specs = model_specs([str(c) for c in checkpoints], list(shapes))
-    check_options(specs, options or BenchOptions(), layout)
-    if out is not None:
-        check_output(Path(out), overwrite)
-    return specs
-
-
-def bench(checkpoints: list[str | Path] = (), shapes: list[str] = (), *, options=None,
-          precision: str = "auto", attention_backend: str = "auto",
-          peak_tflops: float | None = None, layout: ParallelLayout | None = None,
-          device: str | None = None, out: str | Path | None = None,
-          overwrite: bool = False) -> list[dict[str, Any]]:  # fmt: skip
-    """Time each model (checkpoint folders, then random weights of each ``shapes`` entry: a
-    name from ``models.shapes.SHAPES`` or an arch YAML) at ``layout``: prefill, KV-cache decode
-    and training-step tokens/s, TFLOP/s and MFU (``options``: a ``bench.measure.BenchOptions``).
-    The first model is the reference of every ratio. ``precision`` auto: bf16 on an
-    accelerator, fp32 on the CPU (or bf16, fp16, fp32); ``peak_tflops`` overrides the device's
-    table entry. Returns one record per model (schema: :mod:`megatron_prune.bench.report`);
-    ``out`` gets them as JSON lines.
-    Collective over the world."""
-    import json
-
-    from megatron_prune.bench.measure import BenchOptions
-    from megatron_prune.bench.report import add_comparison
-    from megatron_prune.bench.run import bench_model, build, free
-    from megatron_prune.checkpoint.atomic import is_writer, write_text_atomic
-    from megatron_prune.compute import ComputeOptions
-    from megatron_prune.distributed import initialize, model_device
-    from megatron_prune.log import log
-
-    layout = _layout(layout)
-    options = options or BenchOptions()
-    specs = check_bench(checkpoints, shapes, options=options, precision=precision,
-                        attention_backend=attention_backend, layout=layout, out=out,
-                        overwrite=overwrite)  # fmt: skip
-    accel = initialize(layout, device)
-    place = model_device(accel)
-    torch_dtype = ComputeOptions(precision=precision).dtype(place)
-    records = []
-    for spec in specs:
-        log(f"bench {spec.name} ({spec.source}, {torch_dtype}, {attention_backend})")
-        chunks = build(spec, layout, torch_dtype, place, attention_backend)
-        records.append(bench_model(spec, chunks, layout, options, torch_dtype,
-                                   attention_backend, peak_tflops))  # fmt: skip
-        free(chunks)
-    add_comparison(records, options.phases)
-    if out is not None and is_writer():
-        write_text_atomic(Path(out), "".join(json.dumps(r) + "\n" for r in records))
-    return records
-
-
-# ----------------------------------------------------------------------------------- report
-
-
-def check_report(dirs: list[str | Path], out: str | Path, *, overwrite: bool = False):
-    """Every check of :func:`report`; returns what was found (``RunContents``)."""
-    from megatron_prune.report.collect import collect
-
-    if not dirs:
-        raise UserError("report: name at least one run folder")
-    check_output(Path(out), overwrite)
-    found = collect(dirs, exclude=Path(out))
-    if found.empty:
-        raise UserError(
-            f"report: found no megatron-prune outputs under {', '.join(map(str, dirs))} "
-            "(checkpoints, score folders, plans, distillation runs, `eval --out` results)"
-        )
-    return found
-
-
-def report(dirs: list[str | Path], out: str | Path, *, overwrite: bool = False) -> Path:
-    """A markdown report (``out/report.md``) with PNG plots from finished run folders ``dirs``:
-    perplexity vs parameters, kept widths per layer, importance heatmaps, distillation curves
-    and the plan; it says which of these the folders had nothing for. Reads metadata, score
-    tables and metrics only (no model, no torch.distributed). Returns the report's path."""
-    from megatron_prune.checkpoint.atomic import atomic_directory
-    from megatron_prune.report.markdown import REPORT_FILE, write_report
-
-    found = check_report(dirs, out, overwrite=overwrite)
-    with atomic_directory(out, overwrite) as scratch:
-        write_report(found, scratch)
-    return Path(out) / REPORT_FILE

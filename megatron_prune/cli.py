@@ -16,6 +16,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -23,6 +24,8 @@ import uuid
 from pathlib import Path
 
 from megatron_prune.errors import UserError
+from megatron_prune.lifetime import LAUNCHER_PID_ENV, die_with_launcher
+from megatron_prune.paths import RUN_ID_ENV, output_locks
 
 COMMANDS = {
     "convert": "Convert GGUF / Hugging Face / Megatron checkpoints, at any TP x PP",
@@ -33,12 +36,14 @@ COMMANDS = {
     "prune": "Structured pruning (width, depth, CLAP, SLNP, norm absorption)",
     "data": "Build Megatron indexed datasets (data build) with a checkpoint's tokenizer",
     "distill": "Online full-vocabulary logit distillation (teacher and student, one layout)",
-    "bench": "Prefill, decode and training-step tokens/s, TFLOP/s and MFU; dense vs pruned",
     "run": "Run a YAML recipe (a list of the commands above)",
 }
 
 EXIT_USER_ERROR = 2
 EXIT_BUG = 1
+EXIT_SIGNAL = 128  # + the signal number, as a shell reports a process a signal ended
+# The flags naming what a command writes (locked while it runs), unless its module has outputs().
+OUTPUT_FLAGS = ("dst", "out", "output")
 # Where ranks started by this launcher leave the text of a refusal for the launcher to print.
 ERROR_DIR_ENV = "MEGATRON_PRUNE_ERROR_DIR"
 DEBUG_ENV = "MEGATRON_PRUNE_DEBUG"
@@ -87,6 +92,7 @@ def _rank() -> int:
 
 def relaunch(nproc: int, argv: list[str], command: str) -> int:
     """Run this command again on ``nproc`` local ranks; print a refusal once for all of them."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -94,19 +100,25 @@ def relaunch(nproc: int, argv: list[str], command: str) -> int:
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=nproc,
-        run_id=str(uuid.uuid4()),
+        run_id=os.environ[RUN_ID_ENV],
         rdzv_backend="c10d",
         rdzv_endpoint="localhost:0",
         max_restarts=0,
         monitor_interval=0.1,
     )
-    # The agent logs every failed rank at ERROR level; our ranks report for themselves.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # The agent logs every failed rank at ERROR level (and a stop signal as a warning); our
+    # ranks report for themselves. torch sets a level on each of its loggers: quiet them all.
+    for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="megatron-prune-errors-") as error_dir:
         os.environ[ERROR_DIR_ENV] = error_dir
+        os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # ranks die with this process
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         try:
             elastic_launch(config, sys.executable)("-m", "megatron_prune.cli", *_strip_nproc(argv))
+        except SignalException as err:  # the agent has stopped every rank before re-raising
+            return _stopped(command, err.sigval)
         except ChildFailedError as err:
             refusals = sorted({p.read_text() for p in Path(error_dir).glob("rank*.txt")})
             if refusals:
@@ -119,7 +131,24 @@ def relaunch(nproc: int, argv: list[str], command: str) -> int:
             return EXIT_BUG
         finally:
             os.environ.pop(ERROR_DIR_ENV, None)
+            os.environ.pop(LAUNCHER_PID_ENV, None)
     return 0
+
+
+def _stopped(command: str, sig: int) -> int:
+    name = signal.Signals(sig).name
+    print(f"megatron-prune {command}: stopped by {name}; every rank has stopped. Outputs are "
+          "untouched: an unfinished one is only OUT.partial, which the next run cleans up "
+          "(score and distill: or continues with --resume)", file=sys.stderr)  # fmt: skip
+    return EXIT_SIGNAL + int(sig)
+
+
+def _outputs(args: argparse.Namespace) -> list[Path]:
+    """What this command writes: its module's ``outputs(args)``, else its output flags."""
+    outputs = getattr(args.module, "outputs", None)
+    if outputs is not None:
+        return [Path(p) for p in outputs(args)]
+    return [Path(v) for flag in OUTPUT_FLAGS if isinstance(v := getattr(args, flag, None), str)]
 
 
 def _refuse(command: str, err: UserError) -> int:
@@ -136,14 +165,28 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        if not _in_launched_rank():
+        if _in_launched_rank():
+            die_with_launcher()
+            if ERROR_DIR_ENV in os.environ or _rank() != 0:
+                args.module.run(args)  # our launcher (or rank 0) holds the output locks
+                return 0
+        else:
             # Bad input is reported here, once, before any process is spawned.
+            os.environ[RUN_ID_ENV] = str(uuid.uuid4())  # new per command (recipe steps too)
             getattr(args.module, "validate", lambda a: None)(args)
             needed = getattr(args.module, "world_size_needed", lambda a: 1)(args)
             nproc = args.nproc_per_node or (needed if needed > 1 else None)
+            if nproc is not None and (nproc < 1 or nproc % needed):
+                raise UserError(f"--nproc-per-node {nproc}: the layout needs a multiple "
+                                f"of {needed} ranks (tp x pp); launch {needed}, "
+                                f"{2 * needed}, ...")  # fmt: skip
             if nproc:
-                return relaunch(nproc, argv, args.command)
-        args.module.run(args)
+                with output_locks(_outputs(args)):
+                    return relaunch(nproc, argv, args.command)
+        with output_locks(_outputs(args)):
+            args.module.run(args)
+    except KeyboardInterrupt:
+        return _stopped(args.command, signal.SIGINT)
     except UserError as err:
         if os.environ.get(DEBUG_ENV) == "1":
             traceback.print_exc()

@@ -169,7 +169,7 @@ def test_target_validation_names_the_problem_and_nearby_values():
         ({"num_attention_heads": 3}, "not a multiple of num_query_groups=2 (try 2, 4)"),
         ({"ffn_hidden_size": 256}, "ffn_hidden_size=256 must be between 1 and the source's 128"),
         ({"ffn_hidden_size": [64, 64, 64]}, "a list of 4 integers (one per kept layer)"),
-        ({"hidden": 32}, "unknown target keys ['hidden']"),
+        ({"hidden": 32}, "unknown key in the target: 'hidden' (did you mean 'hidden_size'"),
         ({"drop_layers": [1], "num_layers": 2}, "disagrees with dropping 1 of 4"),
         ({"drop_layers": [7]}, "drop_layers [7] outside 0..3"),
     ]

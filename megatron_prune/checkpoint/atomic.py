@@ -66,9 +66,14 @@ def publish_directory(scratch: Path, dst: Path) -> None:
 
 
 def check_output(dst: Path, overwrite: bool) -> None:
-    """Fail early, before any work, if ``dst`` exists and may not be replaced."""
+    """Fail early, before any work, if ``dst`` exists and may not be replaced, cannot be created
+    (its parent is a file or read-only), or another live run is writing it."""
+    from megatron_prune.paths import check_unlocked, check_writable
+
     if dst.exists() and not overwrite:
         raise OutputExistsError(dst)
+    check_writable(dst)
+    check_unlocked(dst)
 
 
 @contextlib.contextmanager

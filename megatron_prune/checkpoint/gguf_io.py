@@ -166,7 +166,7 @@ def lazy_gguf_tensors(path: str | Path):
         return w
 
     shapes = {n: tuple(int(s) for s in reversed(t.shape)) for n, t in by_name.items()}
-    return LazyTensors(shapes, load)
+    return LazyTensors(shapes, load, origin=str(path))
 
 
 def read_gguf(path: str | Path) -> GGUFModel:

@@ -25,7 +25,14 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def read_config(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text())
+    from megatron_prune.inputs import read_text
+
+    path = folder / "config.json"
+    try:
+        return json.loads(read_text(path, "config"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}): "
+                              "fix or re-download it") from None  # fmt: skip
 
 
 def read_tensors(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -73,7 +80,7 @@ def lazy_tensors(folder: Path, dtype: torch.dtype = torch.float32):
         with safe_open(str(where[name]), framework="pt") as f:
             return f.get_slice(name)[start:stop]
 
-    return LazyTensors(shapes, load, dtype, load_rows)
+    return LazyTensors(shapes, load, dtype, load_rows, origin=str(folder))
 
 
 def remote_code(base_class: str) -> str:

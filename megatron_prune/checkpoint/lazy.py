@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
+from megatron_prune.errors import CheckpointError
+
 
 class LazyTensors(Mapping[str, torch.Tensor]):
     """Name -> tensor, read by ``load(name)`` on access; shapes known up front."""
@@ -23,16 +25,27 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         load: Callable[[str], torch.Tensor],
         dtype: torch.dtype = torch.float32,
         load_rows: Callable[[str, int, int], torch.Tensor] | None = None,
+        origin: str = "the source",
     ) -> None:
         self.shapes = shapes
         self._load = load
         self._load_rows = load_rows
         self.dtype = dtype
+        self.origin = origin
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.shapes:
             raise KeyError(name)
-        return self._load(name).to(self.dtype)
+        return self._finite(name, self._load(name).to(self.dtype))
+
+    def _finite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Refuse NaN or Inf weights (a damaged file: GGUF has no checksum) as they are read."""
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"tensor {name} of {self.origin} holds {bad} NaN or Inf "
+                                  "values: the file is damaged; download or export it "
+                                  "again")  # fmt: skip
+        return tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
@@ -44,12 +57,12 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         """Rows ``start:stop`` of tensor ``name``, reading only those when the format allows."""
         if self._load_rows is None:
             return self[name][start:stop].clone()
-        return self._load_rows(name, start, stop).to(self.dtype)
+        return self._finite(name, self._load_rows(name, start, stop).to(self.dtype))
 
     def without(self, names: set[str]) -> LazyTensors:
         """The same source less ``names`` (a tied checkpoint's redundant output layer)."""
         return LazyTensors({k: v for k, v in self.shapes.items() if k not in names},
-                           self._load, self.dtype, self._load_rows)  # fmt: skip
+                           self._load, self.dtype, self._load_rows, self.origin)  # fmt: skip
 
     def meta(self) -> dict[str, torch.Tensor]:
         """Shape-only stand-ins of every tensor (no data is read)."""

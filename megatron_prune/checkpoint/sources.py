@@ -93,6 +93,17 @@ def tokenizer_record(tokenizer_dir: Path) -> dict:
     return {"path": TOKENIZER_DIR, **ids}
 
 
+def _arch(family, cfg: dict, where: str):
+    """The family's architecture of ``cfg``; a missing key is named with its file."""
+    try:
+        return family.read_hf_config(cfg)
+    except KeyError as err:
+        raise CheckpointError(
+            f"{where} has no {err.args[0]!r}, which a {family.name} model "
+            "needs: add it (see the model's original config)"
+        ) from None
+
+
 def open_source(spec: str, tokenizer: str | Path | None = None) -> Source:
     """Identify ``spec`` and read its architecture. ``tokenizer`` (a Hugging Face tokenizer
     folder) names the tokenizer of a Megatron-LM checkpoint whose args do not."""
@@ -100,7 +111,7 @@ def open_source(spec: str, tokenizer: str | Path | None = None) -> Source:
         path = Path(spec[len("gguf:") :])
         cfg = gguf_io.read_gguf_config(path)
         family = family_for_hf_config(cfg)
-        return Source("gguf", path, family.read_hf_config(cfg), family)
+        return Source("gguf", path, _arch(family, cfg, f"the metadata of GGUF {path}"), family)
     path = Path(spec)
     if not path.exists():
         raise CheckpointError(f"source {spec} does not exist")
@@ -113,7 +124,7 @@ def open_source(spec: str, tokenizer: str | Path | None = None) -> Source:
     if hf.is_hf_folder(path):
         cfg = hf.read_config(path)
         family = family_for_hf_config(cfg)
-        return Source("hf", path, family.read_hf_config(cfg), family)
+        return Source("hf", path, _arch(family, cfg, str(path / "config.json")), family)
     if path.suffix == ".gguf":
         return open_source(f"gguf:{path}")
     raise CheckpointError(

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     api.check_score(args.checkpoint, args.data, args.out, layout=layout_from_args(args),
-                    resume=args.resume, overwrite=args.overwrite)  # fmt: skip
+                    resume=args.resume, overwrite=args.overwrite,
+                    seq_len=args.seq_len)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> None:

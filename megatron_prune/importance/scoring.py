@@ -265,7 +265,10 @@ def load_scores(directory: str | Path, arch: ModelArch | None = None) -> dict[st
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise ScoreError(f"{directory} holds no scores ({META_FILE} missing)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ScoreError(f"{meta_path} is damaged ({err}): score again") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise ScoreError(
             f"{directory}: score format version {meta.get('format_version')} is not "
@@ -280,4 +283,10 @@ def load_scores(directory: str | Path, arch: ModelArch | None = None) -> dict[st
                 f"scores in {directory} were computed for a {theirs.family} model that differs "
                 f"from this {arch.family} checkpoint: {diff} (score this checkpoint first)"
             )
-    return load_file(str(directory / SCORES_FILE))
+    scores_path = directory / SCORES_FILE
+    if not scores_path.is_file():
+        raise ScoreError(f"{directory} holds no scores ({SCORES_FILE} missing): score again")
+    try:
+        return load_file(str(scores_path))
+    except Exception as err:  # safetensors raises its own error types for short or bad files
+        raise ScoreError(f"{scores_path} is truncated or damaged ({err}): score again") from None

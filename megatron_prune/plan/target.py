@@ -16,9 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from megatron_prune.errors import TargetError
+from megatron_prune.inputs import check_keys, read_yaml
 from megatron_prune.models.arch import PER_LAYER, ArchError, ModelArch
 
 KEYS = ("hidden_size", "num_layers", "drop_layers", "ffn_hidden_size", "num_attention_heads",
@@ -115,16 +114,15 @@ def _parse_width(key: str, value: object, layers: int, problems: list[str]) -> W
 
 def load_target(path: str | Path | dict, source: ModelArch, tp: int = 1, pp: int = 1) -> Target:
     """Read and validate a target; every problem is reported at once, with nearby valid values."""
-    data = yaml.safe_load(Path(path).read_text()) if not isinstance(path, dict) else path
+    data = read_yaml(path, "--target") if not isinstance(path, dict) else path
     data = data or {}
     if not isinstance(data, dict):
         raise TargetError(f"a target is a mapping of {list(KEYS)}, got {type(data).__name__}")
     if not isinstance(data.get(PLAN_KEY, {}), dict):
         raise TargetError(f"{PLAN_KEY}: expected the mapping `megatron-prune plan` writes")
     data = {k: v for k, v in data.items() if k != PLAN_KEY}
-    unknown = set(data) - set(KEYS)
-    if unknown:
-        raise TargetError(f"unknown target keys {sorted(unknown)}; known: {list(KEYS)}")
+    check_keys(data, KEYS, "the target" if isinstance(path, dict) else f"target {path}",
+               TargetError)  # fmt: skip
     problems: list[str] = []
     drop = data.get("drop_layers")
     if drop is not None:
