@@ -35,7 +35,9 @@ from megatron_prune.inputs import read_text as _read_text
 from megatron_prune.paths import check_not_input, check_unlocked, check_writable
 
 __all__ = [
+    "bench",
     "build_dataset",
+    "check_bench",
     "check_build_dataset",
     "check_convert",
     "check_distill",
@@ -534,3 +536,100 @@ def build_dataset(tokenizer_checkpoint: str | Path, input: str | Path, output: s
     check_build_dataset(tokenizer_checkpoint, input, output, overwrite=overwrite)
     return build_indexed_dataset(load_tokenizer(tokenizer_checkpoint), Path(input),
                                  Path(output), json_key)  # fmt: skip
+
+# ------------------------------------------------------------------------------------ bench
+
+
+def check_bench(checkpoints: list[str | Path] = (), shapes: list[str] = (), *,
+                options=None, precision: str = "auto", attention_backend: str = "auto",
+                layout: ParallelLayout | None = None, out: str | Path | None = None,
+                overwrite: bool = False) -> list:  # fmt: skip
+    """Every check of :func:`bench` that builds no model; returns the ``ModelSpec`` list."""
+    from megatron_prune.bench.measure import BenchOptions
+    from megatron_prune.bench.run import check_options, model_specs
+    from megatron_prune.compute import ComputeOptions
+
+    layout = _layout(layout)
+    ComputeOptions(attention_backend=attention_backend, precision=precision)
+    specs = model_specs([str(c) for c in checkpoints], list(shapes))
+    check_options(specs, options or BenchOptions(), layout)
+    if out is not None:
+        check_output(Path(out), overwrite)
+    return specs
+
+
+def bench(checkpoints: list[str | Path] = (), shapes: list[str] = (), *, options=None,
+          precision: str = "auto", attention_backend: str = "auto",
+          peak_tflops: float | None = None, layout: ParallelLayout | None = None,
+          device: str | None = None, out: str | Path | None = None,
+          overwrite: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """Time each model (checkpoint folders, then random weights of each ``shapes`` entry: a
+    name from ``models.shapes.SHAPES`` or an arch YAML) at ``layout``: prefill, KV-cache decode
+    and training-step tokens/s, TFLOP/s and MFU (``options``: a ``bench.measure.BenchOptions``).
+    The first model is the reference of every ratio. ``precision`` auto: bf16 on an
+    accelerator, fp32 on the CPU (or bf16, fp16, fp32); ``peak_tflops`` overrides the device's
+    table entry. Returns one record per model (schema: :mod:`megatron_prune.bench.report`);
+    ``out`` gets them as JSON lines.
+    Collective over the world."""
+    import json
+
+    from megatron_prune.bench.measure import BenchOptions
+    from megatron_prune.bench.report import add_comparison
+    from megatron_prune.bench.run import bench_model, build, free
+    from megatron_prune.checkpoint.atomic import is_writer, write_text_atomic
+    from megatron_prune.compute import ComputeOptions
+    from megatron_prune.distributed import initialize, model_device
+    from megatron_prune.log import log
+
+    layout = _layout(layout)
+    options = options or BenchOptions()
+    specs = check_bench(checkpoints, shapes, options=options, precision=precision,
+                        attention_backend=attention_backend, layout=layout, out=out,
+                        overwrite=overwrite)  # fmt: skip
+    accel = initialize(layout, device)
+    place = model_device(accel)
+    torch_dtype = ComputeOptions(precision=precision).dtype(place)
+    records = []
+    for spec in specs:
+        log(f"bench {spec.name} ({spec.source}, {torch_dtype}, {attention_backend})")
+        chunks = build(spec, layout, torch_dtype, place, attention_backend)
+        records.append(bench_model(spec, chunks, layout, options, torch_dtype,
+                                   attention_backend, peak_tflops))  # fmt: skip
+        free(chunks)
+    add_comparison(records, options.phases)
+    if out is not None and is_writer():
+        write_text_atomic(Path(out), "".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+# ----------------------------------------------------------------------------------- report
+
+
+def check_report(dirs: list[str | Path], out: str | Path, *, overwrite: bool = False):
+    """Every check of :func:`report`; returns what was found (``RunContents``)."""
+    from megatron_prune.report.collect import collect
+
+    if not dirs:
+        raise UserError("report: name at least one run folder")
+    check_output(Path(out), overwrite)
+    found = collect(dirs, exclude=Path(out))
+    if found.empty:
+        raise UserError(
+            f"report: found no megatron-prune outputs under {', '.join(map(str, dirs))} "
+            "(checkpoints, score folders, plans, distillation runs, `eval --out` results)"
+        )
+    return found
+
+
+def report(dirs: list[str | Path], out: str | Path, *, overwrite: bool = False) -> Path:
+    """A markdown report (``out/report.md``) with PNG plots from finished run folders ``dirs``:
+    perplexity vs parameters, kept widths per layer, importance heatmaps, distillation curves
+    and the plan; it says which of these the folders had nothing for. Reads metadata, score
+    tables and metrics only (no model, no torch.distributed). Returns the report's path."""
+    from megatron_prune.checkpoint.atomic import atomic_directory
+    from megatron_prune.report.markdown import REPORT_FILE, write_report
+
+    found = check_report(dirs, out, overwrite=overwrite)
+    with atomic_directory(out, overwrite) as scratch:
+        write_report(found, scratch)
+    return Path(out) / REPORT_FILE

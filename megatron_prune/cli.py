@@ -36,6 +36,7 @@ COMMANDS = {
     "prune": "Structured pruning (width, depth, CLAP, SLNP, norm absorption)",
     "data": "Build Megatron indexed datasets (data build) with a checkpoint's tokenizer",
     "distill": "Online full-vocabulary logit distillation (teacher and student, one layout)",
+    "bench": "Prefill, decode and training-step tokens/s, TFLOP/s and MFU; dense vs pruned",
     "run": "Run a YAML recipe (a list of the commands above)",
 }
 

@@ -245,6 +245,32 @@ def test_megatron_lm_trio_matches_the_distill_command(models, layout_runs):
         assert abs(report[key] - first[key]) <= 1e-5 * first[key], (key, report, first)
 
 
+def test_mindspeed_llm_trio_matches_the_distill_command(models, layout_runs):
+    """The same trio inside an imitation of MindSpeed-LLM v26.1.0's pretrain() (Megatron-LM
+    core_v0.12's get_model and train_step: a provider without vp_stage, tuple loss reports, the
+    --kd-* flags parsed before MindSpeed-LLM's own): three steps at PP=2 x VPP=2 log the
+    command's loss, KL, CE, grad norm and learning rate at every step."""
+    from tests.helpers import torchrun
+
+    tmp = models["tmp"]
+    spec = {"teacher": str(tmp / "teacher"), "student": str(tmp / "student"),
+            "data": str(tmp / "data" / "train"), "layout": {"pp": 2, "vpp": 2},
+            "loss": {"temperature": 2.0, "lm_weight": 0.25}, "steps": 3,
+            "out": str(tmp / "mindspeed_trio.json")}  # fmt: skip
+    (tmp / "mindspeed_trio_spec.json").write_text(json.dumps(spec))
+    torchrun("mindspeed_llm_trio.py", 2, str(tmp / "mindspeed_trio_spec.json"))
+    report = json.loads((tmp / "mindspeed_trio.json").read_text())
+    # the last rank's chunks: a middle stage, then the last; built without vp_stage
+    assert report["provider_calls"] == [[False, False], [False, True]]
+    assert not report["teacher_trainable"] and not report["teacher_in_train_mode"]
+    assert not report["checkpoint_holds_teacher"] and report["middle_chunks"] == 1
+    assert report["sequence_parallel"] is False
+    assert len(report["steps"]) == 3
+    for got, ref in zip(report["steps"], layout_runs["tp1"], strict=True):
+        for key in ("loss", "kl", "ce", "grad_norm", "lr"):
+            assert abs(got[key] - ref[key]) <= 1e-5 * abs(ref[key]), (key, got, ref)
+
+
 def test_heterogeneous_student_distils_the_same_at_tp1_and_tp2(scored, tmp_path):
     """A student pruned to per-layer widths (megatron-core per-layer configs) trains like any
     other: the same two steps at TP=1 and TP=2."""
