@@ -26,6 +26,7 @@ setup(
         "transformers>=4.50",
         "sentencepiece",
         "accelerate",
+        "matplotlib",  # report plots
     ],
     # No "gpu" or "deepspeed" extra: the GPU path needs only torch with CUDA, PyPI's "apex" is
     # an unrelated package (NVIDIA apex is built from source), and nothing here uses DeepSpeed.
@@ -34,7 +35,7 @@ setup(
         "npu": ["torch_npu"],
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],
-        "dev": ["pytest", "ruff", "rdata", "matplotlib", "tensorboard", "wandb"],
+        "dev": ["pytest", "ruff", "rdata", "tensorboard", "wandb"],
     },
     entry_points={"console_scripts": ["megatron-prune=megatron_prune.cli:main"]},
 )
