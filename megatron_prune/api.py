@@ -15,8 +15,8 @@ same arguments) and writes its outputs atomically. A script that scores, prunes 
     print(api.perplexity("pruned", "heldout.txt").ppl)
 
 ``api.plan("ckpt", "scores", "plan.yaml", budget="params=0.5", strategy="alpha")`` writes a
-target for ``prune`` from a budget. Stages still to come (see the README roadmap): ``bench``,
-``report``.
+target for ``prune`` from a budget; ``api.report(["run"], "run/report")`` writes a markdown
+report with plots from finished run folders.
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ __all__ = [
     "megatron_lm_args",
     "perplexity",
     "check_plan",
+    "check_report",
     "plan",
     "prune",
+    "report",
     "score",
 ]
 

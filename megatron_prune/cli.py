@@ -37,6 +37,7 @@ COMMANDS = {
     "data": "Build Megatron indexed datasets (data build) with a checkpoint's tokenizer",
     "distill": "Online full-vocabulary logit distillation (teacher and student, one layout)",
     "bench": "Prefill, decode and training-step tokens/s, TFLOP/s and MFU; dense vs pruned",
+    "report": "A markdown report with plots from finished run folders",
     "run": "Run a YAML recipe (a list of the commands above)",
 }
 

@@ -1,9 +1,13 @@
-"""``megatron-prune eval ppl CKPT --data FILE``: held-out perplexity as one JSON line."""
+"""``megatron-prune eval ppl CKPT --data FILE [--out FILE.json]``: held-out perplexity as one
+JSON line; ``--out`` also writes it, with the checkpoint, the data and the parameter counts, to a
+file (replaced atomically; :mod:`megatron_prune.evaluate.results`) that ``report`` plots
+against the model's size."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from megatron_prune import api
 from megatron_prune.commands.common import (
@@ -12,6 +16,8 @@ from megatron_prune.commands.common import (
     world_size_needed,
 )
 from megatron_prune.distributed import layout_from_args
+from megatron_prune.errors import UserError
+from megatron_prune.evaluate.results import perplexity_record, write_result
 
 __all__ = ["add_arguments", "run", "validate", "world_size_needed"]
 
@@ -22,11 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="a UTF-8 text file")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
+    parser.add_argument("--out", default=None,
+                        help="also write the result (and parameter counts) to this JSON file")
 
 
 def validate(args: argparse.Namespace) -> None:
     validate_checkpoint(args)
     api.check_text(args.data, "--data")
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a folder: name the JSON file to write")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -37,3 +47,7 @@ def run(args: argparse.Namespace) -> None:
                             device=args.device)  # fmt: skip
     if is_rank0():
         print(json.dumps(result.to_dict()), flush=True)
+        if args.out:
+            record = perplexity_record(args.checkpoint, args.data, args.seq_len,
+                                       args.max_tokens, result.to_dict())  # fmt: skip
+            write_result(args.out, record)
