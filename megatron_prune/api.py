@@ -16,18 +16,20 @@ same arguments) and writes its outputs atomically. A script that scores, prunes 
 
 ``api.plan("ckpt", "scores", "plan.yaml", budget="params=0.5", strategy="alpha")`` writes a
 target for ``prune`` from a budget; ``api.report(["run"], "run/report")`` writes a markdown
-report with plots from finished run folders.
+report with plots from finished run folders; ``api.bench(["ckpt", "pruned"])`` times
+models (prefill, decode, training step; one record each).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from megatron_prune.checkpoint.atomic import check_output
+from megatron_prune.compute import ComputeOptions
 from megatron_prune.distributed import ParallelLayout
 from megatron_prune.errors import DataError, UserError
 from megatron_prune.inputs import check_utf8
@@ -148,17 +150,21 @@ def export_hf(checkpoint: str | Path, dst: str | Path, *, overwrite: bool = Fals
 
 
 def open_model(checkpoint: str | Path, layout: ParallelLayout | None = None,
-               device: str | None = None):  # fmt: skip
-    """This rank's chunks of ``checkpoint`` at ``layout`` (``LoadedModel``)."""
+               device: str | None = None, compute: ComputeOptions | None = None):  # fmt: skip
+    """This rank's chunks of ``checkpoint`` at ``layout`` (``LoadedModel``), computing as
+    ``compute`` says (default: SDPA attention; bf16 on an accelerator, fp32 on the CPU)."""
     from megatron_prune.checkpoint.megatron_io import load_model
     from megatron_prune.checkpoint.metadata import CheckpointMeta
     from megatron_prune.distributed import initialize, model_device
 
     layout = _layout(layout)
     CheckpointMeta.read(checkpoint).arch.check_layout(layout.tp, layout.pp, layout.vpp)
+    compute = compute or ComputeOptions()
     accel = initialize(layout, device)
-    return load_model(checkpoint, sequence_parallel=layout.sequence_parallel,
-                      device=model_device(accel), params_dtype=torch.float32)  # fmt: skip
+    place = model_device(accel)
+    return load_model(checkpoint, sequence_parallel=layout.sequence_parallel, device=place,
+                      params_dtype=compute.dtype(place),
+                      attention_backend=compute.attention_backend)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -166,7 +172,7 @@ def open_model(checkpoint: str | Path, layout: ParallelLayout | None = None,
 
 def perplexity(checkpoint: str | Path, data: str | Path, *, seq_len: int = 512,
                max_tokens: int | None = None, layout: ParallelLayout | None = None,
-               device: str | None = None):  # fmt: skip
+               device: str | None = None, compute: ComputeOptions | None = None):  # fmt: skip
     """Held-out perplexity of ``checkpoint`` on a UTF-8 text file (``PerplexityResult``)."""
     from megatron_prune.data.tokenizer import load_tokenizer
     from megatron_prune.evaluate.perplexity import perplexity as run_perplexity
@@ -176,7 +182,7 @@ def perplexity(checkpoint: str | Path, data: str | Path, *, seq_len: int = 512,
     tokenizer = load_tokenizer(checkpoint)
     if ids is None:
         ids = tokenizer.encode(_read_text(Path(data), "--data"))
-    model = open_model(checkpoint, layout, device)
+    model = open_model(checkpoint, layout, device, compute)
     bos = tokenizer.bos_id if model.arch.needs_bos else None
     return run_perplexity(model.chunks, ids, seq_len, model.arch.vocab_size, bos, max_tokens)
 
@@ -213,13 +219,14 @@ def check_perplexity(checkpoint: str | Path, data: str | Path, *, seq_len: int =
 
 
 def generate(checkpoint: str | Path, prompt: str, *, max_new_tokens: int = 32,
-             layout: ParallelLayout | None = None, device: str | None = None) -> str:  # fmt: skip
+             layout: ParallelLayout | None = None, device: str | None = None,
+             compute: ComputeOptions | None = None) -> str:  # fmt: skip
     """Greedy continuation of ``prompt`` (the prompt plus the generated text)."""
     from megatron_prune.data.tokenizer import load_tokenizer
     from megatron_prune.evaluate.generate import greedy_generate
 
     tokenizer = load_tokenizer(checkpoint)
-    model = open_model(checkpoint, layout, device)
+    model = open_model(checkpoint, layout, device, compute)
     ids = tokenizer.encode(prompt)
     if model.arch.needs_bos and tokenizer.bos_id is not None:
         ids = [tokenizer.bos_id, *ids]
@@ -261,7 +268,7 @@ def score(checkpoint: str | Path, data: str | Path, out: str | Path, *, samples:
           micro_batches: int = 2, micro_batch_size: int = 1, save_every: int = 8,
           stop_after: int | None = None, esd_method: str = "xmin_peak", ppl_samples: int = 4,
           resume: bool = False, overwrite: bool = False, layout: ParallelLayout | None = None,
-          device: str | None = None) -> bool:  # fmt: skip
+          device: str | None = None, compute: ComputeOptions | None = None) -> bool:  # fmt: skip
     """Importance scores of ``checkpoint`` from ``samples`` calibration windows of ``seq_len``
     tokens of ``data``, written to ``out``. Returns False when ``stop_after`` stopped it early
     (continue with ``resume=True``)."""
@@ -279,7 +286,7 @@ def score(checkpoint: str | Path, data: str | Path, out: str | Path, *, samples:
         ppl_samples=ppl_samples,
     )  # fmt: skip
     tokenizer = load_tokenizer(checkpoint)
-    model = open_model(checkpoint, layout, device)
+    model = open_model(checkpoint, layout, device, compute)
     return run_score_job(job, model, tokenizer, layout, resume, overwrite)
 
 
@@ -486,6 +493,9 @@ def distill(student: str | Path, data: list[str], out: str | Path, *,
     check_distill(student, data, out, teacher=teacher, loss=loss, options=options,
                   eval_data=eval_data, layout=layout, resume=resume,
                   overwrite=overwrite)  # fmt: skip
+    place = model_device(accel)
+    options = replace(options, precision=ComputeOptions(precision=options.precision)
+                      .resolved_precision(place))  # fmt: skip
     out = Path(out)
     if overwrite and out.exists() and is_rank0():
         shutil.rmtree(out)
@@ -501,7 +511,7 @@ def distill(student: str | Path, data: list[str], out: str | Path, *,
         f"DP={torch.distributed.get_world_size() // layout.model_parallel_size}")  # fmt: skip
     job = setup_run(
         Path(teacher) if teacher else None, Path(student), parse_blend(list(data)), out,
-        layout, model_device(accel), options,
+        layout, place, options,
     )  # fmt: skip
     state = train(job, out, loss, options, eval_ids, resume, run_config)
     return {"steps": state.step, **state.history[-1], "student": str(out / "student")}
@@ -538,6 +548,7 @@ def build_dataset(tokenizer_checkpoint: str | Path, input: str | Path, output: s
     check_build_dataset(tokenizer_checkpoint, input, output, overwrite=overwrite)
     return build_indexed_dataset(load_tokenizer(tokenizer_checkpoint), Path(input),
                                  Path(output), json_key)  # fmt: skip
+
 
 # ------------------------------------------------------------------------------------ bench
 

@@ -24,6 +24,9 @@ class CheckpointMeta:
     tokenizer: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # The stored tensors' dtype (a bf16 / fp16 distillation saves its student so); every
+    # command loads any of them into the dtype it computes in.
+    dtype: str = "fp32"
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -62,6 +65,7 @@ class CheckpointMeta:
             layout=data["layout"],
             tokenizer=data.get("tokenizer", {}),
             provenance=data.get("provenance", {}),
+            dtype=data.get("dtype", "fp32"),
         )
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 
 from megatron_prune import api
+from megatron_prune.compute import add_compute_args, compute_from_args
 from megatron_prune.distributed import add_layout_args, layout_from_args
 
 __all__ = ["add_arguments", "run", "validate", "world_size_needed"]
@@ -67,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--tensorboard", action="store_true", help="write DIR/tensorboard")
     out.add_argument("--wandb-project", default=None,
                      help="wandb run (offline unless WANDB_MODE=online)")  # fmt: skip
+    add_compute_args(parser, training=True)
     add_layout_args(parser)
 
 
@@ -91,7 +94,7 @@ def _options(args: argparse.Namespace):
         seed=args.seed, log_interval=args.log_interval, eval_interval=args.eval_interval,
         eval_tokens=args.eval_tokens, save_interval=args.save_interval,
         keep_checkpoints=args.keep_checkpoints, tensorboard=args.tensorboard,
-        wandb_project=args.wandb_project,
+        wandb_project=args.wandb_project, **asdict(compute_from_args(args)),
     )  # fmt: skip
     return loss, options
 

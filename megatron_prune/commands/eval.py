@@ -15,6 +15,7 @@ from megatron_prune.commands.common import (
     validate_checkpoint,
     world_size_needed,
 )
+from megatron_prune.compute import add_compute_args, compute_from_args
 from megatron_prune.distributed import layout_from_args
 from megatron_prune.errors import UserError
 from megatron_prune.evaluate.results import perplexity_record, write_result
@@ -25,6 +26,7 @@ __all__ = ["add_arguments", "run", "validate", "world_size_needed"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("metric", choices=["ppl"], help="what to evaluate")
     add_checkpoint_args(parser)
+    add_compute_args(parser)
     parser.add_argument("--data", required=True, help="a UTF-8 text file")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> None:
 
     result = api.perplexity(args.checkpoint, args.data, seq_len=args.seq_len,
                             max_tokens=args.max_tokens, layout=layout_from_args(args),
-                            device=args.device)  # fmt: skip
+                            device=args.device, compute=compute_from_args(args))  # fmt: skip
     if is_rank0():
         print(json.dumps(result.to_dict()), flush=True)
         if args.out:

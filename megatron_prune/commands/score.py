@@ -7,6 +7,7 @@ import argparse
 
 from megatron_prune import api
 from megatron_prune.commands.common import add_checkpoint_args, world_size_needed
+from megatron_prune.compute import add_compute_args, compute_from_args
 from megatron_prune.distributed import layout_from_args
 
 __all__ = ["add_arguments", "run", "validate", "world_size_needed"]
@@ -16,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megatron_prune.importance.scoring import ALL_METRICS, DEFAULT_METRICS
 
     add_checkpoint_args(parser)
+    add_compute_args(parser)
     parser.add_argument("--data", required=True, help="calibration text (UTF-8)")
     parser.add_argument("--samples", type=int, required=True, help="calibration sequences")
     parser.add_argument("--seq-len", type=int, required=True)
@@ -54,5 +56,5 @@ def run(args: argparse.Namespace) -> None:
         micro_batch_size=args.micro_batch_size, save_every=args.save_every,
         stop_after=args.stop_after, esd_method=args.esd_method, ppl_samples=args.ppl_samples,
         resume=args.resume, overwrite=args.overwrite, layout=layout_from_args(args),
-        device=args.device,
+        device=args.device, compute=compute_from_args(args),
     )  # fmt: skip

@@ -31,6 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_prune.accelerator import cuda_type_names
 from megatron_prune.checkpoint.megatron_io import LoadedModel, load_model
 from megatron_prune.checkpoint.metadata import CheckpointMeta, provenance
+from megatron_prune.compute import PRECISION_DTYPES
 from megatron_prune.data.training import GlobalBatches, TokenizerView, build_train_dataset
 from megatron_prune.distill.loss import DistillLossConfig, distillation_loss
 from megatron_prune.distill.metrics import MetricsSink
@@ -67,6 +68,9 @@ class TrainOptions:
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     teacher_bf16: bool = False
+    precision: str = "auto"  # the student's: bf16 | fp16 | fp32 (auto: bf16 on accelerators)
+    attention_backend: str = "auto"
+    recompute_granularity: str | None = None
     seed: int = 1234
     log_interval: int = 1
     eval_interval: int = 0  # steps between held-out evaluations (0: only at the end)
@@ -129,7 +133,24 @@ def _install_schedule_hooks(config, ddp: list, options: TrainOptions) -> None:
     config.finalize_model_grads_func = functools.partial(_finalize, ddp)
 
 
+def _mixed_precision(chunks: list[torch.nn.Module], precision: str) -> list[torch.nn.Module]:
+    """Megatron-LM's way: the model computes in bf16/fp16 inside ``Float16Module`` (which casts
+    it in place and returns fp32 logits), and the optimizer keeps fp32 main parameters. The
+    config says so, for the DDP wrapper, the optimizer and the pipeline's transport dtype."""
+    from megatron.core.transformer.module import Float16Module
+
+    if precision == "fp32":
+        return chunks
+    dtype = PRECISION_DTYPES[precision]
+    config = chunks[0].config
+    config.bf16, config.fp16 = precision == "bf16", precision == "fp16"
+    config.params_dtype = config.pipeline_dtype = dtype
+    return [Float16Module(config, chunk) for chunk in chunks]
+
+
 def _optimizer(ddp: list, options: TrainOptions):
+    # bf16 / fp16: fp32 main parameters in the optimizer; fp16 with a dynamic loss scale
+    precision = options.precision
     config = OptimizerConfig(
         optimizer="adam",
         lr=options.lr,
@@ -139,7 +160,9 @@ def _optimizer(ddp: list, options: TrainOptions):
         adam_beta2=options.adam_beta2,
         clip_grad=options.clip_grad,
         use_distributed_optimizer=options.distributed_optimizer,
-        params_dtype=torch.float32,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        params_dtype=PRECISION_DTYPES[precision],
     )
     with cuda_type_names():
         optimizer = get_megatron_optimizer(config, ddp)
@@ -164,7 +187,7 @@ def prepare_training(
     for chunk in student_chunks:
         chunk.train()
     student_chunks[0].config.calculate_per_token_loss = True  # one config object per model
-    ddp = _wrap_ddp(student_chunks, options)
+    ddp = _wrap_ddp(_mixed_precision(student_chunks, options.precision), options)
     if teacher_chunks is None:
         schedule_models: list[torch.nn.Module] = list(ddp)
         schedule_config = student_chunks[0].config
@@ -185,16 +208,24 @@ def setup_run(
     device: torch.device | None,
     options: TrainOptions,
 ) -> Run:
-    """Collective: load both models at ``layout``, wrap the student, build optimizer and data."""
-    student = load_model(student_ckpt, sequence_parallel=layout.sequence_parallel, device=device)
+    """Collective: load both models at ``layout``, wrap the student, build optimizer and data.
+    ``options.precision`` must be resolved (not ``auto``). Under mixed precision the teacher
+    computes in the student's dtype (its activations travel with the student's between
+    pipeline stages)."""
+    student = load_model(
+        student_ckpt, sequence_parallel=layout.sequence_parallel, device=device,
+        attention_backend=options.attention_backend,
+        recompute_granularity=options.recompute_granularity,
+    )  # fmt: skip
     teacher = None
     if teacher_ckpt is not None:
+        teacher_dtype = PRECISION_DTYPES[options.precision]
+        if options.precision == "fp32" and options.teacher_bf16:
+            teacher_dtype = torch.bfloat16
         teacher = load_model(
-            teacher_ckpt,
-            sequence_parallel=layout.sequence_parallel,
-            device=device,
-            params_dtype=torch.bfloat16 if options.teacher_bf16 else torch.float32,
-        )
+            teacher_ckpt, sequence_parallel=layout.sequence_parallel, device=device,
+            params_dtype=teacher_dtype, attention_backend=options.attention_backend,
+        )  # fmt: skip
     ddp, schedule_models, optimizer, scheduler = prepare_training(
         student.chunks, None if teacher is None else teacher.chunks, options
     )
@@ -272,10 +303,10 @@ def train_step(
         forward_only=False,
     )
     with cuda_type_names():
-        _, grad_norm, _ = optimizer.step()
+        _, grad_norm, _ = optimizer.step()  # under fp16, a step skipped for overflow: norm None
     scheduler.step(increment=1)
     device = micro_batches[0]["tokens"].device
-    return _reduce_metrics(outputs, device), float(grad_norm)
+    return _reduce_metrics(outputs, device), float("nan") if grad_norm is None else float(grad_norm)
 
 
 def _evaluate(run: Run, eval_ids: list[int], options: TrainOptions) -> float:
@@ -316,6 +347,7 @@ def train(
         layout=run.layout.to_dict(),
         tokenizer=run.student.meta.tokenizer,
         provenance=provenance(str(run.student.path), distillation=run_config),
+        dtype=options.precision,
     )
     device = next(run.student.chunks[0].parameters()).device
     loss = functools.partial(distillation_loss, loss_config, run.student.arch.vocab_size)
