@@ -24,6 +24,9 @@ LAYOUTS = {
     "pp2_vpp2": ["--pp", "2", "--vpp", "2"],
     "dp2": ["--nproc-per-node", "2"],
     "dp2_distributed_optimizer": ["--nproc-per-node", "2", "--distributed-optimizer"],
+    # activation recomputation changes memory, never the numbers
+    "recompute_full": ["--recompute-granularity", "full"],
+    "tp2_recompute_selective": ["--tp", "2", "--recompute-granularity", "selective"],
 }
 
 
