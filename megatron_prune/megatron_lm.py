@@ -86,10 +86,13 @@ def configure(settings: KDSettings) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> KDSettings:
-    """The settings the --kd-* flags (and Megatron-LM's ``--sequence-parallel``) describe."""
+    """The settings the --kd-* flags (and Megatron-LM's ``--sequence-parallel``) describe.
+    Under Megatron-LM's own ``--bf16`` the teacher is held in bf16 too, as the student is
+    (Megatron-LM's Float16Module casts the student; the pair keeps the teacher's dtype)."""
     loss = DistillLossConfig(temperature=args.kd_temperature, reverse=args.kd_reverse,
                              top_k=args.kd_top_k, lm_weight=args.kd_lm_weight)  # fmt: skip
-    return KDSettings(Path(args.kd_teacher), loss, args.kd_teacher_bf16,
+    teacher_bf16 = bool(args.kd_teacher_bf16 or getattr(args, "bf16", False))
+    return KDSettings(Path(args.kd_teacher), loss, teacher_bf16,
                       bool(getattr(args, "sequence_parallel", False)))  # fmt: skip
 
 

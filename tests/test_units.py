@@ -232,3 +232,19 @@ def test_hill_estimator_recovers_a_power_law():
     assert abs(esd_alpha(eigs, "xmin_peak") - alpha) < 0.2
     with pytest.raises(UserError, match="unknown ESD method"):
         esd_alpha(eigs, "xmin_max")
+
+
+def test_megatron_lm_bf16_puts_the_teacher_in_bf16():
+    """The trio honours Megatron-LM's own --bf16: the teacher is held in bf16 like the student
+    (Float16Module casts the student only), with or without --kd-teacher-bf16."""
+    import argparse
+
+    from megatron_prune.megatron_lm import add_distillation_args, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bf16", action="store_true")  # Megatron-LM's flag
+    add_distillation_args(parser)
+    base = ["--kd-teacher", "teacher"]
+    assert settings_from_args(parser.parse_args([*base, "--bf16"])).teacher_bf16
+    assert not settings_from_args(parser.parse_args(base)).teacher_bf16
+    assert settings_from_args(parser.parse_args([*base, "--kd-teacher-bf16"])).teacher_bf16
