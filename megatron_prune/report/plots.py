@@ -21,6 +21,12 @@ def _figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (7.0, 4.0)
     return fig, fig.subplots(rows, cols, squeeze=False)
 
 
+def _integer_steps(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, format="png")
     return path
@@ -107,6 +113,7 @@ def distill_curves(history: list[dict[str, Any]], path: Path) -> Path:
         steps = [r["step"] for r in history if name in r]
         ax.plot(steps, [r[name] for r in history if name in r], marker=".", label=name)
     ax.set_xlabel("step")
+    _integer_steps(ax)
     ax.set_ylabel("training loss (per token)")
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
@@ -114,6 +121,7 @@ def distill_curves(history: list[dict[str, Any]], path: Path) -> Path:
         ax = axes[0][1]
         ax.plot(*zip(*held_out, strict=True), marker="o", color="tab:green")
         ax.set_xlabel("step")
+        _integer_steps(ax)
         ax.set_ylabel("held-out perplexity")
         ax.grid(True, alpha=0.3)
     return _save(fig, path)
