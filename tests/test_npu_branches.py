@@ -278,3 +278,16 @@ def test_npu_fused_attention_sliding_window_is_a_band(fake_torch_npu):
     # the fake applies no dropout: the result is the band attention itself
     reference = _sdpa_reference(q, k, v, allowed_positions(12, 12, (3, 0), q.device), 0.25)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_npu_fused_attention_decode_step_aligns_the_mask_to_the_last_key(fake_torch_npu):
+    """A KV-cache decode step (one query, many keys) uses sparse mode 3 (rightDownCausal): the
+    new token sees every cached key, as the SDPA path's bottom-right aligned mask does."""
+    from megatron_prune.models.attention import _npu_attention, allowed_positions
+
+    q, k, v = _qkv()
+    out = _npu_attention(q[-1:], k, v, 0.3, None, 0.0)
+    _, kwargs = _one_fusion_call(fake_torch_npu)
+    assert kwargs["sparse_mode"] == 3
+    reference = _sdpa_reference(q[-1:], k, v, allowed_positions(1, 12, None, q.device), 0.3)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)

@@ -41,6 +41,13 @@ def main() -> None:
                 progress=False,
             )
             report["ppl"] = res.to_dict()
+            # megatron-core's unfused attention on the same weights: the fused default must
+            # not move perplexity
+            del model
+            model, _ = logits_at(first, layout, tokens[:, :2], attention_backend="local")
+            local = perplexity(model.chunks, ids, spec["seq_len"], model.arch.vocab_size,
+                               spec["bos_id"], progress=False)  # fmt: skip
+            report["ppl_local_attention"] = local.to_dict()
         del model
 
     # round trip: -> HF -> Megatron at TP=1, compare every tensor
