@@ -296,30 +296,36 @@ def score(checkpoint: str | Path, data: str | Path, out: str | Path, *, samples:
 def check_plan(checkpoint: str | Path, scores: str | Path | None, out: str | Path, *,
                budget: str, strategy: str = "uniform", tp: int = 1, pp: int = 1,
                prune: str | tuple[str, ...] | None = None, alpha_eps: float = 0.3,
-               seq_len: int = 2048, overwrite: bool = False):  # fmt: skip
+               seq_len: int = 2048, overwrite: bool = False, data: str | Path | None = None,
+               tyr=None, resume: bool = False):  # fmt: skip
     """Every check of :func:`plan`; returns the checked ``PlanInputs``."""
     from megatron_prune.plan.planfile import check_plan_inputs
 
-    check_not_input(out, "--out", {"CHECKPOINT": checkpoint, "--scores": scores})
+    check_not_input(out, "--out", {"CHECKPOINT": checkpoint, "--scores": scores, "--data": data})
     return check_plan_inputs(checkpoint, scores, out, budget=budget, strategy=strategy, tp=tp,
                              pp=pp, prune=prune, alpha_eps=alpha_eps, seq_len=seq_len,
-                             overwrite=overwrite)  # fmt: skip
+                             overwrite=overwrite, data=data, tyr=tyr,
+                             resume=resume)  # fmt: skip
 
 
 def plan(checkpoint: str | Path, scores: str | Path | None, out: str | Path, *, budget: str,
          strategy: str = "uniform", tp: int = 1, pp: int = 1,
          prune: str | tuple[str, ...] | None = None, alpha_eps: float = 0.3,
-         seq_len: int = 2048, overwrite: bool = False):  # fmt: skip
+         seq_len: int = 2048, overwrite: bool = False, data: str | Path | None = None,
+         tyr=None, resume: bool = False):  # fmt: skip
     """Allocate ``budget`` (``"params=0.5"``: keep half of the blocks' parameters; ``flops=``,
-    ``latency=`` likewise) over the layers of ``checkpoint`` with ``strategy`` (``uniform``, or
-    ``alpha``: AlphaPruning from the ESD alphas in ``scores``), and write the target ``prune``
-    takes to ``out``, valid at ``tp`` x ``pp``. Reads no weights and needs no torch.distributed.
+    ``latency=`` likewise) over the layers of ``checkpoint`` with ``strategy`` (``uniform``;
+    ``alpha``: AlphaPruning from the ESD alphas in ``scores``; ``tyr``: Tyr-the-Pruner's search
+    on calibration text ``data``, with ``tyr`` a ``plan.tyr.job.TyrSettings``), and write the
+    target ``prune`` takes to ``out``, valid at ``tp`` x ``pp``. uniform and alpha read no
+    weights and need no torch.distributed; tyr loads the model in a world of one and keeps its
+    supernet and search state in ``OUT.tyr/`` (``resume``: continue there).
     ``prune``: the dimensions that may shrink (default ``ffn,heads``). Returns the ``Plan``."""
     from megatron_prune.plan.planfile import make_plan, write_plan
 
     inputs = check_plan(checkpoint, scores, out, budget=budget, strategy=strategy, tp=tp, pp=pp,
                         prune=prune, alpha_eps=alpha_eps, seq_len=seq_len,
-                        overwrite=overwrite)  # fmt: skip
+                        overwrite=overwrite, data=data, tyr=tyr, resume=resume)  # fmt: skip
     result = make_plan(inputs)
     write_plan(result, out)
     return result

@@ -1,6 +1,7 @@
-"""``megatron-prune plan CKPT --scores DIR --budget params=0.5 --strategy uniform|alpha --out
-PLAN.yaml``: a pruning target from a budget (no weights, no torch.distributed: it runs in the
-launcher process). Then ``megatron-prune prune CKPT --scores DIR --target PLAN.yaml``."""
+"""``megatron-prune plan CKPT --scores DIR --budget params=0.5 --strategy uniform|alpha|tyr
+--out PLAN.yaml``: a pruning target from a budget (uniform and alpha read no weights and need no
+torch.distributed; tyr loads the model in the launcher process, a world of one). Then
+``megatron-prune prune CKPT --scores DIR --target PLAN.yaml``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 from megatron_prune import api
 from megatron_prune.plan.cost import DEFAULT_SEQ_LEN, METRICS
 from megatron_prune.plan.strategies import DEFAULT_ALPHA_EPS, DEFAULT_DIMS, DIMS, STRATEGIES
+from megatron_prune.plan.tyr.job import TyrSettings, parse_stages
 
 __all__ = ["add_arguments", "run", "validate", "world_size_needed"]
 
@@ -33,19 +35,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequence length of the FLOPs count (default: %(default)s)")
     parser.add_argument("--out", required=True, help="the plan file (YAML, written atomically)")
     parser.add_argument("--overwrite", action="store_true")
+    tyr = parser.add_argument_group("tyr (Tyr-the-Pruner's supernet search; its cost knobs)")
+    d = TyrSettings()
+    tyr.add_argument("--data", default=None, help="calibration text (tyr)")
+    tyr.add_argument("--tyr-samples", type=int, default=d.samples,
+                     help="calibration windows (default: %(default)s)")
+    tyr.add_argument("--tyr-seq-len", type=int, default=d.seq_len,
+                     help="tokens per window (default: %(default)s)")
+    tyr.add_argument("--tyr-seed", type=int, default=d.seed)
+    tyr.add_argument("--tyr-iterations", type=int, default=d.iterations,
+                     help="coarse-to-fine iterations, the move halving each (default: %(default)s)")
+    tyr.add_argument("--tyr-generations", type=int, default=d.generations,
+                     help="generations per iteration (default: %(default)s)")
+    tyr.add_argument("--tyr-offspring", type=int, default=d.offspring,
+                     help="offspring per generation, lambda (default: %(default)s)")
+    tyr.add_argument("--tyr-stages", default=",".join(f"{a}:{b}" for a, b in d.stages),
+                     help="selection stages WINDOWS:SURVIVORS,... with growing windows "
+                          "(default: %(default)s)")  # fmt: skip
+    tyr.add_argument("--tyr-step", type=float, default=d.step,
+                     help="first move, fraction of the source width (default: %(default)s)")
+    tyr.add_argument("--tyr-max-sparsity", type=float, default=d.max_sparsity)
+    tyr.add_argument("--no-error-accumulation", dest="error_accumulation", action="store_false",
+                     help="statistics from the dense model (default: expectation error "
+                          "accumulation, layer by layer)")  # fmt: skip
+    tyr.add_argument("--no-refit", dest="refit", action="store_false",
+                     help="variants keep their weights (no least-squares refit)")
+    tyr.add_argument("--resume", action="store_true",
+                     help="continue the search kept in OUT.tyr/ (same settings)")
     group = parser.add_argument_group("the layout the pruned model must run at")
     group.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1)
     group.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1)
 
 
 def _kwargs(args: argparse.Namespace) -> dict:
+    tyr = None
+    if args.strategy == "tyr":
+        tyr = TyrSettings(samples=args.tyr_samples, seq_len=args.tyr_seq_len, seed=args.tyr_seed,
+                          iterations=args.tyr_iterations, generations=args.tyr_generations,
+                          offspring=args.tyr_offspring, stages=parse_stages(args.tyr_stages),
+                          step=args.tyr_step, max_sparsity=args.tyr_max_sparsity,
+                          error_accumulation=args.error_accumulation, refit=args.refit)
     return dict(budget=args.budget, strategy=args.strategy, tp=args.tp, pp=args.pp,
                 prune=args.prune, alpha_eps=args.alpha_eps, seq_len=args.seq_len,
-                overwrite=args.overwrite)  # fmt: skip
+                overwrite=args.overwrite, data=args.data, tyr=tyr,
+                resume=args.resume)  # fmt: skip
 
 
 def world_size_needed(args: argparse.Namespace) -> int:
-    return 1  # arithmetic on the metadata: no ranks, whatever --tp/--pp say
+    return 1  # arithmetic on the metadata (tyr: a world of one), whatever --tp/--pp say
 
 
 def validate(args: argparse.Namespace) -> None:

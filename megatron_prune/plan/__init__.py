@@ -8,7 +8,8 @@
   per-layer ratios from ESD alphas), both rounded to widths that are valid at the layout.
 * ``planfile.py``: the plan file, a target plus a record of how it was made.
 
-Nothing here needs weights or torch.distributed, so ``plan`` runs in the launcher process.
-``surgery/`` imports from here, never the other way round. Tyr-the-Pruner's supernet search is
-planned (issue 10), not built.
+* ``tyr/``: Tyr-the-Pruner's supernet and evolutionary search (``--strategy tyr``).
+
+Only ``tyr`` needs weights (it loads the model in a world of one); the rest is arithmetic, so
+``plan`` runs in the launcher process. ``surgery/`` imports from here, never the other way round.
 """

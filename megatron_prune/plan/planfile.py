@@ -57,6 +57,10 @@ class PlanInputs:
     alpha_eps: float
     scores: dict | None = None
     paths: dict[str, str | None] = field(default_factory=dict)  # checkpoint, scores: for the record
+    tyr: Any = None  # TyrSettings (strategy tyr)
+    data: Path | None = None  # tyr's calibration text
+    resume: bool = False  # tyr: continue the search in PLAN.tyr/
+    out: Path | None = None
 
 
 @dataclass
@@ -76,14 +80,16 @@ def check_plan_inputs(checkpoint: str | Path, scores: str | Path | None, out: st
                       budget: str | Budget, strategy: str = "uniform", tp: int = 1, pp: int = 1,
                       prune: str | tuple[str, ...] | None = None,
                       alpha_eps: float = strategies.DEFAULT_ALPHA_EPS,
-                      seq_len: int = DEFAULT_SEQ_LEN,
-                      overwrite: bool = False) -> PlanInputs:  # fmt: skip
+                      seq_len: int = DEFAULT_SEQ_LEN, overwrite: bool = False,
+                      data: str | Path | None = None, tyr: Any = None,
+                      resume: bool = False) -> PlanInputs:  # fmt: skip
     """Every check of ``plan`` (no weights are read): bad input raises UserError."""
     from megatron_prune.checkpoint.metadata import CheckpointMeta
 
     if strategy not in strategies.STRATEGIES:
-        hint = " (tyr: Tyr-the-Pruner's search is planned, not built)" if strategy == "tyr" else ""
-        raise UserError(f"--strategy {strategy!r}: choose one of {strategies.STRATEGIES}{hint}")
+        raise UserError(f"--strategy {strategy!r}: choose one of {strategies.STRATEGIES}")
+    if strategy == "tyr":
+        tyr = _check_tyr(data, tyr, prune)
     parsed = parse_budget(budget)
     dims = strategies.parse_dims(prune or strategies.DEFAULT_DIMS)
     for name, value in (("--tp", tp), ("--pp", pp), ("--seq-len", seq_len)):
@@ -110,7 +116,28 @@ def check_plan_inputs(checkpoint: str | Path, scores: str | Path | None, out: st
         strategies.block_alphas(table)  # the alphas are there and finite
     paths = {"checkpoint": str(Path(checkpoint).resolve()),
              "scores": None if scores is None else str(Path(scores).resolve())}  # fmt: skip
-    return PlanInputs(meta.arch, parsed, strategy, dims, tp, pp, seq_len, alpha_eps, table, paths)
+    return PlanInputs(meta.arch, parsed, strategy, dims, tp, pp, seq_len, alpha_eps, table, paths,
+                      tyr, None if data is None else Path(data), resume, out)  # fmt: skip
+
+
+def _check_tyr(data: str | Path | None, settings: Any, prune: str | tuple[str, ...] | None):
+    """tyr's own inputs: calibration text, settings, the dimensions it can search."""
+    from megatron_prune.inputs import check_utf8
+    from megatron_prune.plan.tyr.job import TYR_DIMS, TyrSettings
+
+    if data is None:
+        raise UserError("--strategy tyr needs --data TEXT (calibration text for the supernet "
+                        "and the KL fitness)")  # fmt: skip
+    if not Path(data).is_file() or Path(data).stat().st_size == 0:
+        raise UserError(f"--data {data}: not a readable, non-empty text file")
+    check_utf8(Path(data), "--data")
+    extra = sorted(set(strategies.parse_dims(prune or strategies.DEFAULT_DIMS)) - set(TYR_DIMS))
+    if extra:
+        raise UserError(f"--strategy tyr searches {list(TYR_DIMS)} per layer; {extra} are not "
+                        "searched: drop them from --prune")  # fmt: skip
+    settings = settings or TyrSettings()
+    settings.check()
+    return settings
 
 
 def _collapse(target: dict[str, Any]) -> dict[str, Any]:
@@ -169,8 +196,15 @@ def make_plan(inputs: PlanInputs) -> Plan:
     from megatron_prune import __version__
 
     i = inputs
+    extra: dict[str, Any] = {}
     if i.strategy == "uniform":
         target = strategies.uniform(i.source, i.budget, i.dims, i.tp, i.pp, i.seq_len)
+    elif i.strategy == "tyr":
+        from megatron_prune.plan.tyr.job import run_tyr
+
+        out = i.out or Path("plan.yaml")
+        target, extra["tyr"] = run_tyr(i, i.tyr, i.data, out.with_name(out.name + ".tyr"),
+                                       i.resume)  # fmt: skip
     else:
         target = strategies.alpha(i.source, i.budget, i.scores or {}, i.dims, i.tp, i.pp,
                                   i.seq_len, i.alpha_eps)  # fmt: skip
@@ -197,6 +231,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
     }
     if i.strategy == "alpha":
         record["alpha_eps"] = i.alpha_eps
+    record.update(extra)
     if target.get("num_layers", i.source.num_layers) < i.source.num_layers:
         record["note"] = "prune drops the layers with the lowest layer/block_influence score"
     return Plan(target, record)

@@ -38,7 +38,7 @@ from megatron_prune.plan.cost import (
     layer_shapes,
 )
 
-STRATEGIES = ("uniform", "alpha")
+STRATEGIES = ("uniform", "alpha", "tyr")  # tyr: plan/tyr/ (weights and text)
 DIMS = ("hidden", "ffn", "heads", "groups", "depth")
 DEFAULT_DIMS = ("ffn", "heads")
 ALPHA_DIMS = ("ffn", "heads", "groups")  # per-layer widths; hidden and depth are global
