@@ -10,6 +10,6 @@ MASTER_PORT=${MASTER_PORT:-29500}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 export CUDA_DEVICE_MAX_CONNECTIONS=1          # Megatron's TP/SP overlap needs in-order streams
 export NCCL_IB_DISABLE=${NCCL_IB_DISABLE:-0}
-export MEGATRON_PRUNE_DEVICE=cuda
+export MEGATRON_PRUNE_DEVICE=${MEGATRON_PRUNE_DEVICE:-cuda}  # cpu: the loopback test (gloo)
 exec torchrun --nnodes="$NNODES" --node-rank="$NODE_RANK" --nproc-per-node="$GPUS_PER_NODE" \
   --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" -m megatron_prune.cli "$@"

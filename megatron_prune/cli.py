@@ -3,6 +3,9 @@
 Every command accepts ``--nproc-per-node N`` and then re-launches itself with N local ranks
 (torch's elastic launcher, what torchrun runs). A command whose layout needs more ranks than it
 was started with (``convert --tp 2`` from a plain shell) re-launches itself the same way.
+``--nnodes N --node-rank I --master-addr HOST --master-port P`` (torchrun's names) spread the
+ranks over N nodes: the same line runs on every node (a static rendezvous at HOST:P, which node 0
+serves); node 0 holds the output locks.
 
 Errors: bad input raises :class:`~megatron_prune.errors.UserError`; it is printed as one line
 (once, however many ranks refused) and the exit code is 2. Anything else is a bug: it keeps its
@@ -67,9 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="re-launch with this many processes on this node",
         )
+        _add_node_arguments(cmd)
         module.add_arguments(cmd)
         cmd.set_defaults(module=module)
     return parser
+
+
+def _add_node_arguments(cmd: argparse.ArgumentParser) -> None:
+    nodes = cmd.add_argument_group("multi-node launch (torchrun's names; one line per node)")
+    nodes.add_argument("--nnodes", type=int, default=1, help="nodes taking part (default 1)")
+    nodes.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1")
+    nodes.add_argument("--master-addr", default="127.0.0.1",
+                       help="address of node 0, which serves the rendezvous")  # fmt: skip
+    nodes.add_argument("--master-port", type=int, default=29500, help="its free TCP port")
+
+
+def _check_nodes(args: argparse.Namespace) -> None:
+    if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise UserError(f"--nnodes {args.nnodes} --node-rank {args.node_rank}: the node rank "
+                        "must be 0 .. nnodes-1, a different one on each node")  # fmt: skip
+    if not 0 < args.master_port < 65536:
+        raise UserError(f"--master-port {args.master_port} is not a TCP port (1-65535)")
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:
@@ -92,21 +113,28 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def relaunch(nproc: int, argv: list[str], command: str) -> int:
-    """Run this command again on ``nproc`` local ranks; print a refusal once for all of them."""
+def relaunch(nproc: int, argv: list[str], command: str,
+             nodes: argparse.Namespace | None = None) -> int:  # fmt: skip
+    """Run this command again on ``nproc`` local ranks (of ``nodes.nnodes`` nodes, when given:
+    a static rendezvous, as torchrun's); print a refusal once for all of this node's ranks."""
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    nnodes = nodes.nnodes if nodes is not None else 1
+    rendezvous = (
+        {"rdzv_backend": "static", "rdzv_endpoint": f"{nodes.master_addr}:{nodes.master_port}",
+         "rdzv_configs": {"rank": nodes.node_rank}}
+        if nnodes > 1 else {"rdzv_backend": "c10d", "rdzv_endpoint": "localhost:0"}
+    )  # fmt: skip
     config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
+        min_nodes=nnodes,
+        max_nodes=nnodes,
         nproc_per_node=nproc,
         run_id=os.environ[RUN_ID_ENV],
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
         max_restarts=0,
         monitor_interval=0.1,
+        **rendezvous,
     )
     # The agent logs every failed rank at ERROR level (and a stop signal as a warning); our
     # ranks report for themselves. torch sets a level on each of its loggers: quiet them all.
@@ -128,7 +156,11 @@ def relaunch(nproc: int, argv: list[str], command: str) -> int:
                     print(f"megatron-prune {command}: error: {line}", file=sys.stderr)
                 return EXIT_USER_ERROR
             codes = sorted({f.exitcode for f in err.failures.values()})
-            print(f"megatron-prune {command}: ranks failed (exit codes {codes}); {BUG_REPORT}",
+            why = BUG_REPORT
+            if nnodes > 1:  # a rank loses its peers when another node stops or fails
+                why = ("another node's ranks may have stopped or failed (see that node's "
+                       f"output); if none did, {BUG_REPORT}")  # fmt: skip
+            print(f"megatron-prune {command}: ranks failed (exit codes {codes}); {why}",
                   file=sys.stderr)  # fmt: skip
             return EXIT_BUG
         finally:
@@ -174,17 +206,26 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         else:
             # Bad input is reported here, once, before any process is spawned.
-            os.environ[RUN_ID_ENV] = str(uuid.uuid4())  # new per command (recipe steps too)
+            _check_nodes(args)
+            # New per command (recipe steps too); the nodes of one run share theirs.
+            os.environ[RUN_ID_ENV] = (f"nodes-{args.master_addr}:{args.master_port}"
+                                      if args.nnodes > 1 else str(uuid.uuid4()))  # fmt: skip
             getattr(args.module, "validate", lambda a: None)(args)
             needed = getattr(args.module, "world_size_needed", lambda a: 1)(args)
             nproc = args.nproc_per_node or (needed if needed > 1 else None)
-            if nproc is not None and (nproc < 1 or nproc % needed):
-                raise UserError(f"--nproc-per-node {nproc}: the layout needs a multiple "
+            if args.nnodes > 1 and args.nproc_per_node is None:
+                nproc = max(1, needed // args.nnodes)
+            world = nproc * args.nnodes if nproc is not None else None
+            if world is not None and (nproc < 1 or world % needed):
+                nodes = f" x --nnodes {args.nnodes}" if args.nnodes > 1 else ""
+                raise UserError(f"--nproc-per-node {nproc}{nodes}: the layout needs a multiple "
                                 f"of {needed} ranks (tp x pp); launch {needed}, "
                                 f"{2 * needed}, ...")  # fmt: skip
             if nproc:
-                with output_locks(_outputs(args)):
-                    return relaunch(nproc, argv, args.command)
+                # Node 0 holds the locks; the other nodes' ranks share its run id.
+                with output_locks(_outputs(args) if args.node_rank == 0 else []):
+                    nodes = args if args.nnodes > 1 else None
+                    return relaunch(nproc, argv, args.command, nodes)
         with output_locks(_outputs(args)):
             args.module.run(args)
     except KeyboardInterrupt:

@@ -64,7 +64,12 @@ def _child_dies_with_rank() -> None:
 
 
 def die_with_launcher() -> None:
-    """In a rank the command line launched: die with the launcher (no-op elsewhere)."""
+    """In a rank the command line launched: die with the launcher; in a rank an external
+    torchrun started (``launch/*.sh``): die with its elastic agent, the parent (no-op elsewhere).
+    Without this, the ranks of a SIGKILLed torchrun keep running, and on a multi-node job hold
+    the other nodes' ranks in their collectives."""
     parent = os.environ.get(LAUNCHER_PID_ENV)
     if parent:
         die_with_parent(int(parent))
+    elif "TORCHELASTIC_RUN_ID" in os.environ and os.getppid() != 1:
+        die_with_parent(os.getppid())

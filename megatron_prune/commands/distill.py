@@ -101,7 +101,8 @@ def _options(args: argparse.Namespace):
 
 def _world_size(args: argparse.Namespace) -> int:
     layout = layout_from_args(args)
-    return args.nproc_per_node or layout.model_parallel_size
+    nnodes = getattr(args, "nnodes", 1)  # the command line's launch flags (cli.py)
+    return (args.nproc_per_node or max(1, layout.model_parallel_size // nnodes)) * nnodes
 
 
 def validate(args: argparse.Namespace) -> None:
