@@ -25,7 +25,7 @@ def report(tmp_path_factory, austen_calibration_text):
     spec = {"hf": str(folder), "workdir": str(tmp), "out": str(tmp / "report.json")}
     (tmp / "spec.json").write_text(json.dumps(spec))
     torchrun("megatron_core_interop.py", 2, str(tmp / "spec.json"))
-    return json.loads((tmp / "report.json").read_text())
+    return {**json.loads((tmp / "report.json").read_text()), "workdir": str(tmp)}
 
 
 def test_checkpoints_of_the_earlier_layout_still_load(report):
@@ -48,3 +48,24 @@ def test_standard_megatron_core_model_loads_our_checkpoint(report, tp):
 def test_megatron_lm_save_output_converts_back(report, tp):
     assert report[f"convert_back_tp{tp}"] <= 1e-5
     assert report[f"back_arch_equal_tp{tp}"]
+
+
+@pytest.mark.parametrize("saved", ["legacy_tp1", "legacy_tp2", "legacy_pp2"])
+def test_megatron_lm_legacy_torch_format_converts(report, saved):
+    """Megatron-LM's --ckpt-format torch output (mp_rank_TT[_PPP]/model_optim_rng.pt), saved
+    at TP=1, TP=2 or split into PP=2 stages, converts to the standard model's logits."""
+    assert report[saved]["max_diff"] <= 1e-5
+    assert report[saved]["arch_equal"]
+
+
+def test_other_commands_refuse_a_legacy_checkpoint_with_the_way_out(report, tmp_path):
+    from pathlib import Path
+
+    from tests.helpers import cli
+
+    legacy = Path(report["workdir"]) / "megatron_lm_torch_tp1"
+    (tmp_path / "text.txt").write_text("some text to score " * 20)
+    result = cli("eval", "ppl", str(legacy), "--data", str(tmp_path / "text.txt"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "only `convert` reads" in lines[0], result.stderr

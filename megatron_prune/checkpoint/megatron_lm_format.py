@@ -58,8 +58,8 @@ def dist_checkpoint_directory(path: str | Path) -> Path:
     if directory.is_dir() and any(directory.glob("mp_rank_*")):
         raise CheckpointError(
             f"{directory} is a legacy Megatron-LM checkpoint (mp_rank_*/model_optim_rng.pt), "
-            "which is not supported yet: re-save it with Megatron-LM's --ckpt-format torch_dist "
-            "(e.g. --load it and --save with --ckpt-convert-format torch_dist)"
+            "which only `convert` reads: run `megatron-prune convert "
+            f"{Path(path)} NEW_CHECKPOINT` and use NEW_CHECKPOINT"
         )
     if not (directory / "metadata.json").is_file():
         raise CheckpointError(
@@ -271,10 +271,12 @@ def read_meta(path: str | Path, tokenizer: str | Path | None = None):
     """A ``CheckpointMeta`` for a Megatron-LM checkpoint that has no megatron_prune.json."""
     from tokenizers import Tokenizer
 
+    from megatron_prune.checkpoint import megatron_lm_legacy
     from megatron_prune.checkpoint.metadata import CheckpointMeta
     from megatron_prune.checkpoint.sources import tokenizer_record
 
-    args = saved_args(path)
+    legacy = megatron_lm_legacy.is_legacy(tensor_directory(path))
+    args = megatron_lm_legacy.saved_args(tensor_directory(path)) if legacy else saved_args(path)
     folder = find_tokenizer(path, args, tokenizer)
     vocab = None
     record: dict[str, Any] = {}
@@ -286,5 +288,6 @@ def read_meta(path: str | Path, tokenizer: str | Path | None = None):
               "pp": getattr(args, "pipeline_model_parallel_size", 1),
               "vpp": getattr(args, "virtual_pipeline_model_parallel_size", None),
               "sequence_parallel": False}  # fmt: skip
+    kind = "megatron-lm-legacy" if legacy else "megatron-lm"
     return CheckpointMeta(arch=arch, layout=layout, tokenizer=record,
-                          provenance={"source": f"megatron-lm:{path}"})  # fmt: skip
+                          provenance={"source": f"{kind}:{path}"})  # fmt: skip

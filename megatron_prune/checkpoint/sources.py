@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_prune.checkpoint import gguf_io, hf, megatron_lm_format
+from megatron_prune.checkpoint import gguf_io, hf, megatron_lm_format, megatron_lm_legacy
 from megatron_prune.checkpoint.lazy import MappedTensors
 from megatron_prune.checkpoint.metadata import METADATA_FILE, CheckpointError, CheckpointMeta
 from megatron_prune.models.arch import ModelArch
@@ -24,16 +24,20 @@ TOKENIZER_DIR = "tokenizer"
 
 @dataclass
 class Source:
-    kind: str  # "gguf" | "hf" | "megatron"
+    kind: str  # "gguf" | "hf" | "megatron" | "megatron-lm-legacy" (mp_rank_* torch files)
     path: Path
     arch: ModelArch
     family: Family
     meta: CheckpointMeta | None = None  # Megatron sources: their description
 
     def megatron_state(self) -> Mapping[str, torch.Tensor]:
-        """Megatron-named fp32 tensors (GGUF and HF sources only), each read from the source
-        file when asked for. The weight map is checked on shapes first: a source that does not
-        match its family fails here, before any tensor is read."""
+        """Megatron-named fp32 tensors (GGUF, HF and legacy Megatron-LM sources), each read from
+        the source file when asked for. The weight map is checked on shapes first: a source
+        that does not match its family fails here, before any tensor is read."""
+        if self.kind == "megatron-lm-legacy":
+            directory = megatron_lm_format.tensor_directory(self.path)
+            args = megatron_lm_legacy.saved_args(directory)
+            return megatron_lm_legacy.LegacyTensors(directory, self.arch, args)
         if self.kind == "gguf":
             tensors = gguf_io.lazy_gguf_tensors(self.path)
         elif self.kind == "hf":
@@ -48,7 +52,7 @@ class Source:
 
     def save_tokenizer(self, out_dir: Path) -> dict:
         """Write Hugging Face tokenizer files to ``out_dir``; return what metadata records."""
-        if self.kind == "megatron":
+        if self.kind in ("megatron", "megatron-lm-legacy"):
             meta = self.meta or CheckpointMeta.read(self.path)
             src = self.path / meta.tokenizer.get("path", TOKENIZER_DIR)  # absolute: elsewhere
             if not meta.tokenizer or not (src / "tokenizer.json").is_file():
@@ -120,7 +124,10 @@ def open_source(spec: str, tokenizer: str | Path | None = None) -> Source:
         return Source("megatron", path, meta.arch, get_family(meta.arch.family), meta)
     if megatron_lm_format.is_megatron_lm_layout(path):  # Megatron-LM's own --save output
         meta = megatron_lm_format.read_meta(path, tokenizer)
-        return Source("megatron", path, meta.arch, get_family(meta.arch.family), meta)
+        kind = "megatron"
+        if megatron_lm_legacy.is_legacy(megatron_lm_format.tensor_directory(path)):
+            kind = "megatron-lm-legacy"  # per-rank torch files: read whole, like HF
+        return Source(kind, path, meta.arch, get_family(meta.arch.family), meta)
     if hf.is_hf_folder(path):
         cfg = hf.read_config(path)
         family = family_for_hf_config(cfg)

@@ -114,6 +114,57 @@ def legacy_checkpoint_logit_diff(ours: Path, legacy: Path, tokens: torch.Tensor)
     return float((loaded - reference).abs().max())
 
 
+def write_legacy(folder: Path, state: dict, arch, tp: int, pp: int = 1) -> None:
+    """Save this TP rank's ``state`` as Megatron-LM's --ckpt-format torch does: the tracker
+    file and iter_0000010/mp_rank_TT[_PPP]/model_optim_rng.pt with args, iteration and model.
+    With ``pp`` > 1 the (TP=1) state is split into stages with layers numbered per stage."""
+    import re
+
+    from megatron.core import parallel_state
+
+    from megatron_prune.checkpoint.megatron_lm_format import TRACKER_FILE, common_state
+
+    args = common_state(arch, {"tp": tp, "pp": pp})["args"]
+    args.ckpt_format = "torch"
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    if parallel_state.get_data_parallel_rank() == 0:
+        per_stage = arch.num_layers // pp
+        for stage in range(pp):
+            part = {}
+            for key, value in state.items():
+                match = re.match(r"decoder\.layers\.(\d+)\.(.*)", key)
+                if match:
+                    layer = int(match.group(1))
+                    if layer // per_stage == stage:
+                        part[f"decoder.layers.{layer % per_stage}.{match.group(2)}"] = value
+                elif key.startswith("embedding.") and stage == 0:
+                    part[key] = value
+                elif not key.startswith("embedding.") and stage == pp - 1:
+                    part[key] = value  # final norm, output layer
+            if pp > 1 and arch.tie_embeddings and stage == pp - 1:
+                part["output_layer.weight"] = state["embedding.word_embeddings.weight"].clone()
+            name = f"mp_rank_{tp_rank:02d}" + (f"_{stage:03d}" if pp > 1 else "")
+            rank_dir = folder / "iter_0000010" / name
+            rank_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"args": args, "iteration": 10, "checkpoint_version": 3.0,
+                        "model": part}, rank_dir / "model_optim_rng.pt")  # fmt: skip
+        (folder / TRACKER_FILE).write_text("10")
+    torch.distributed.barrier()
+
+
+def convert_and_compare(source: Path, dst: Path, expected, tokens, tokenizer, arch) -> dict:
+    """``convert`` a Megatron-LM checkpoint at TP=1; its logits against ``expected``."""
+    from megatron_prune import api
+    from megatron_prune.checkpoint.metadata import CheckpointMeta
+    from megatron_prune.distributed import ParallelLayout
+    from tests.workers.common import logits_at
+
+    api.convert(str(source), dst, layout=ParallelLayout(), overwrite=True, tokenizer=tokenizer)
+    _, converted = logits_at(dst, {"tp": 1}, tokens)
+    return {"max_diff": float((converted - expected).abs().max()),
+            "arch_equal": CheckpointMeta.read(dst).arch == arch}  # fmt: skip
+
+
 def main() -> None:
     from megatron.core import dist_checkpointing
 
@@ -167,6 +218,16 @@ def main() -> None:
         _, converted = logits_at(back, {"tp": tp}, tokens)
         report[f"convert_back_tp{tp}"] = float((converted - got).abs().max())
         report[f"back_arch_equal_tp{tp}"] = CheckpointMeta.read(back).arch == arch
+        # the same model in Megatron-LM's legacy format (--ckpt-format torch), converted at TP=1
+        legacy = work / f"megatron_lm_torch_tp{tp}"
+        write_legacy(legacy, model.state_dict_for_save_checkpoint(), arch, tp=tp)
+        report[f"legacy_tp{tp}"] = convert_and_compare(legacy, work / f"from_torch_tp{tp}",
+                                                       got, tokens, spec["hf"], arch)  # fmt: skip
+        if tp == 1:  # and split into two pipeline stages, as Megatron-LM numbers their layers
+            legacy = work / "megatron_lm_torch_pp2"
+            write_legacy(legacy, model.state_dict_for_save_checkpoint(), arch, tp=1, pp=2)
+            report["legacy_pp2"] = convert_and_compare(legacy, work / "from_torch_pp2", got,
+                                                       tokens, spec["hf"], arch)  # fmt: skip
     if torch.distributed.get_rank() == 0:
         Path(spec["out"]).write_text(json.dumps(report, indent=2))
     torch.distributed.destroy_process_group()
