@@ -5,6 +5,7 @@ every layout, exact resume after a kill, the LM-only baseline with TensorBoard a
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -145,6 +146,17 @@ def test_bf16_distillation_tracks_fp32(bf16_runs, layout_runs):
         assert abs(rec["loss"] - ref["loss"]) <= 5e-2 * ref["loss"], (rec, ref)
     pairs = zip(layout_runs["tp1"], bf16_runs["tp1"], strict=True)
     assert any(r["loss"] != f["loss"] for r, f in pairs)
+
+
+def test_fp16_distillation_with_dynamic_loss_scaling_tracks_fp32(models, layout_runs):
+    """fp16 student, megatron-core's dynamic loss scale (the schedules scale the loss, the
+    optimizer unscales the gradients): every step is taken and tracks fp32."""
+    out = models["tmp"] / "fp16_tp1"
+    _ok(_distill(models, out, *STEPS_3, "--fp16", "--initial-loss-scale", "4096"))
+    for ref, rec in zip(layout_runs["tp1"], _metrics(out), strict=True):
+        assert math.isfinite(rec["grad_norm"]), rec  # NaN: a step skipped for overflow
+        for key in ("loss", "grad_norm"):
+            assert abs(rec[key] - ref[key]) <= 5e-2 * abs(ref[key]), (key, rec, ref)
 
 
 def test_bf16_student_records_its_dtype_and_loads_in_eval(models, bf16_runs):

@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="shard optimizer state over data-parallel ranks")  # fmt: skip
     batch.add_argument("--overlap-grad-reduce", action="store_true")
     batch.add_argument("--teacher-bf16", action="store_true", help="hold the teacher in bf16")
+    batch.add_argument("--initial-loss-scale", type=float, default=2.0**32,
+                       help="--fp16: the dynamic loss scale to start from (halved on each "
+                            "overflow, which skips that step)")  # fmt: skip
     batch.add_argument("--seed", type=int, default=1234, help="data order seed")
     loss = parser.add_argument_group("loss")
     loss.add_argument("--temperature", type=float, default=1.0)
@@ -91,6 +94,7 @@ def _options(args: argparse.Namespace):
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         clip_grad=args.clip_grad, distributed_optimizer=args.distributed_optimizer,
         overlap_grad_reduce=args.overlap_grad_reduce, teacher_bf16=args.teacher_bf16,
+        initial_loss_scale=args.initial_loss_scale,
         seed=args.seed, log_interval=args.log_interval, eval_interval=args.eval_interval,
         eval_tokens=args.eval_tokens, save_interval=args.save_interval,
         keep_checkpoints=args.keep_checkpoints, tensorboard=args.tensorboard,

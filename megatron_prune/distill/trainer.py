@@ -71,6 +71,7 @@ class TrainOptions:
     precision: str = "auto"  # the student's: bf16 | fp16 | fp32 (auto: bf16 on accelerators)
     attention_backend: str = "auto"
     recompute_granularity: str | None = None
+    initial_loss_scale: float = 2.0**32  # fp16's dynamic loss scale starts here (Megatron's)
     seed: int = 1234
     log_interval: int = 1
     eval_interval: int = 0  # steps between held-out evaluations (0: only at the end)
@@ -117,10 +118,11 @@ def _wrap_ddp(chunks: list[torch.nn.Module], options: TrainOptions) -> list:
     ]
 
 
-def _finalize(ddp: list, _models: list, num_tokens, pg_collection=None, force_all_reduce=False):
-    """The schedule passes its own models (the pairs); gradients live in the student's DDP."""
-    finalize_model_grads(ddp, num_tokens, pg_collection=pg_collection,
-                         force_all_reduce=force_all_reduce)  # fmt: skip
+def _finalize(ddp: list, _models: list, num_tokens, **release_kwargs):
+    """The schedule passes its own models (the pairs); gradients live in the student's DDP.
+    Its other keywords are those of its own release's finalize_model_grads (they differ
+    between releases, see compat.py), so they are handed on as they are."""
+    finalize_model_grads(ddp, num_tokens, **release_kwargs)
 
 
 def _install_schedule_hooks(config, ddp: list, options: TrainOptions) -> None:
@@ -162,6 +164,7 @@ def _optimizer(ddp: list, options: TrainOptions):
         use_distributed_optimizer=options.distributed_optimizer,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
+        initial_loss_scale=options.initial_loss_scale,
         params_dtype=PRECISION_DTYPES[precision],
     )
     with cuda_type_names():
@@ -196,6 +199,9 @@ def prepare_training(
         schedule_config = schedule_models[0].config
     _install_schedule_hooks(schedule_config, ddp, options)
     optimizer, scheduler = _optimizer(ddp, options)
+    # as Megatron-LM's setup: the schedules multiply the loss by fp16's dynamic loss scale
+    # (1 under bf16 and fp32) before backward; the optimizer divides it out of the gradients
+    schedule_config.grad_scale_func = optimizer.scale_loss
     return ddp, schedule_models, optimizer, scheduler
 
 
