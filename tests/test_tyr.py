@@ -226,7 +226,10 @@ def test_tyr_refusals(tiny):
     for kwargs in ({}, {"data": tmp / "missing.txt"}, {"data": tmp / "calib.txt",
                                                        "prune": "ffn,depth"},
                    {"data": tmp / "calib.txt", "tyr": TyrSettings(stages=((4, 2), (2, 1)))},
-                   {"data": tmp / "calib.txt", "tyr": TyrSettings(samples=2)}):  # fmt: skip
+                   {"data": tmp / "calib.txt", "tyr": TyrSettings(samples=2)},
+                   {"data": tmp / "calib.txt", "tyr": TyrSettings(local_pruner="scores")},
+                   {"data": tmp / "calib.txt",
+                    "tyr": TyrSettings(local_pruner="magic")}):  # fmt: skip
         with pytest.raises(UserError):
             api.check_plan(tmp / "ckpt", None, tmp / "x.yaml", budget="params=0.5",
                            strategy="tyr", **kwargs)  # fmt: skip
@@ -242,9 +245,68 @@ def test_cli_tyr_flags(tiny):
     assert main([*base, "--tyr-stages", "two"]) == 2
     assert main([*base, "--tyr-samples", "2", "--tyr-seq-len", "16", "--tyr-stages", "1:2,2:1",
                  "--tyr-iterations", "1", "--tyr-generations", "2", "--tp", "2",
-                 "--no-error-accumulation", "--no-refit"]) == 0  # fmt: skip
+                 "--no-error-accumulation", "--no-refit", "--tyr-local-pruner", "scores",
+                 "--scores", str(tmp / "scores")]) == 0  # fmt: skip
     record = yaml.safe_load(out.read_text())["plan"]
     assert record["tyr"]["settings"]["refit"] is False
+    assert record["tyr"]["settings"]["local_pruner"] == "scores"
     assert record["tyr"]["settings"]["error_accumulation"] is False
     assert abs(record["achieved"]["flops"] / 0.6 - 1) <= 0.01
     load_target(out, arch, tp=2)
+
+
+def test_scores_local_pruner_makes_prunes_layers(tmp_path):
+    """``--tyr-local-pruner scores`` variants are ``prune``'s layers: the same kept heads and
+    neurons, the same weights (zero columns for what prune removes; no refit)."""
+    from megatron_prune.plan.tyr.supernet import Supernet
+    from megatron_prune.surgery.prune import prune_model
+    from tests.tiny_models import whole_state
+
+    flat, arch = whole_state("llama", seed=4)
+    scores = random_scores(arch, seed=9)
+    net = Supernet(tmp_path, heads=arch.num_attention_heads, groups=arch.num_query_groups,
+                   head_dim=arch.head_dim, ffn=arch.ffn_hidden_size, refit=False,
+                   scores={"head": scores["head/l2"], "neuron": scores["neuron/l2"]})  # fmt: skip
+    i, d = 1, arch.head_dim
+    proj = flat[f"decoder.layers.{i}.self_attention.linear_proj.weight"]
+    fc2 = flat[f"decoder.layers.{i}.mlp.linear_fc2.weight"]
+    eye = torch.eye(proj.shape[1])
+    net.add_layer(i, proj, fc2, eye, torch.eye(fc2.shape[1]), min_heads=arch.num_query_groups,
+                  min_ffn=8)  # fmt: skip
+    for heads, ffn in ((arch.num_query_groups, 8), (arch.num_attention_heads, 100)):
+        pruned = prune_model(flat, arch, scores, load_target(
+            {"num_attention_heads": heads, "ffn_hidden_size": ffn}, arch)).state  # fmt: skip
+        for kind, width, name in (("attn", heads, "self_attention.linear_proj.weight"),
+                                  ("ffn", ffn, "mlp.linear_fc2.weight")):  # fmt: skip
+            variant = net.weight(i, kind, width)
+            kept = variant.abs().sum(0) != 0
+            assert torch.equal(variant[:, kept], pruned[f"decoder.layers.{i}.{name}"])
+            if kind == "attn":  # whole heads
+                assert int(kept.sum()) == width * d
+
+
+def test_scores_pruner_fitness_is_the_kl_of_what_prune_writes(tiny):
+    """With prune's own units, the KL the search reports for its plan is the KL of the model
+    that ``prune`` then writes (measured here on that model, loaded from disk)."""
+    from megatron.core import parallel_state
+
+    from megatron_prune.data.tokenizer import load_tokenizer
+    from megatron_prune.distill.kl import vocab_parallel_kl
+    from megatron_prune.evaluate.forward import forward_reduce
+    from megatron_prune.importance.calibration import packed_samples
+
+    tmp, arch = tiny
+    out = tmp / "scores_plan.yaml"
+    settings = TyrSettings(**{**SMALL.__dict__, "local_pruner": "scores", "refit": False})
+    plan = api.plan(tmp / "ckpt", tmp / "scores", out, budget="params=0.5", strategy="tyr",
+                    data=tmp / "calib.txt", tyr=settings)  # fmt: skip
+    api.prune(tmp / "ckpt", tmp / "scores", out, tmp / "scores_pruned")
+    tok = load_tokenizer(tmp / "ckpt")
+    windows = packed_samples(tok.encode((tmp / "calib.txt").read_text()), settings.samples,
+                             settings.seq_len, settings.seed)[: settings.stages[-1][0]]
+    logits = [forward_reduce(api.open_model(m).chunks, windows, lambda lg: lg.float())
+              for m in (tmp / "ckpt", tmp / "scores_pruned")]  # fmt: skip
+    kl = vocab_parallel_kl(logits[1], logits[0], vocab_size=arch.vocab_size,
+                           group=parallel_state.get_tensor_model_parallel_group())
+    assert plan.record["tyr"]["kl_found"] < plan.record["tyr"]["kl_uniform"]
+    assert float(kl.mean()) == pytest.approx(plan.record["tyr"]["kl_found"], rel=1e-4, abs=1e-6)

@@ -11,6 +11,7 @@ from megatron_prune import api
 from megatron_prune.plan.cost import DEFAULT_SEQ_LEN, METRICS
 from megatron_prune.plan.strategies import DEFAULT_ALPHA_EPS, DEFAULT_DIMS, DIMS, STRATEGIES
 from megatron_prune.plan.tyr.job import TyrSettings, parse_stages
+from megatron_prune.plan.tyr.supernet import LOCAL_PRUNERS
 
 __all__ = ["add_arguments", "run", "validate", "world_size_needed"]
 
@@ -60,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "accumulation, layer by layer)")  # fmt: skip
     tyr.add_argument("--no-refit", dest="refit", action="store_false",
                      help="variants keep their weights (no least-squares refit)")
+    tyr.add_argument("--tyr-local-pruner", choices=LOCAL_PRUNERS, default=d.local_pruner,
+                     help="obs: greedy OBS choice of heads/neurons; scores: the units prune keeps "
+                          "by --scores, so the search scores prune's own layers (default: "
+                          "%(default)s)")  # fmt: skip
     tyr.add_argument("--resume", action="store_true",
                      help="continue the search kept in OUT.tyr/ (same settings)")
     group = parser.add_argument_group("the layout the pruned model must run at")
@@ -74,7 +79,8 @@ def _kwargs(args: argparse.Namespace) -> dict:
                           iterations=args.tyr_iterations, generations=args.tyr_generations,
                           offspring=args.tyr_offspring, stages=parse_stages(args.tyr_stages),
                           step=args.tyr_step, max_sparsity=args.tyr_max_sparsity,
-                          error_accumulation=args.error_accumulation, refit=args.refit)
+                          error_accumulation=args.error_accumulation, refit=args.refit,
+                          local_pruner=args.tyr_local_pruner)
     return dict(budget=args.budget, strategy=args.strategy, tp=args.tp, pp=args.pp,
                 prune=args.prune, alpha_eps=args.alpha_eps, seq_len=args.seq_len,
                 overwrite=args.overwrite, data=args.data, tyr=tyr,

@@ -110,6 +110,7 @@ def check_plan_inputs(checkpoint: str | Path, scores: str | Path | None, out: st
         from megatron_prune.importance.scoring import load_scores
 
         table = load_scores(scores, meta.arch)
+    _check_tyr_scores(tyr, table)
     if strategy == "alpha":
         if table is None:
             raise UserError("--strategy alpha needs --scores (a folder scored with --metrics esd)")
@@ -138,6 +139,18 @@ def _check_tyr(data: str | Path | None, settings: Any, prune: str | tuple[str, .
     settings = settings or TyrSettings()
     settings.check()
     return settings
+
+
+def _check_tyr_scores(settings: Any, table: dict | None) -> None:
+    """``--tyr-local-pruner scores`` chooses units as ``prune`` will: it needs those scores."""
+    from megatron_prune.plan.tyr.job import SCORE_NAMES
+
+    if settings is None or settings.local_pruner != "scores":
+        return
+    missing = [n for n in SCORE_NAMES.values() if table is None or n not in table]
+    if missing:
+        raise UserError(f"--tyr-local-pruner scores needs --scores with {missing} (score with "
+                        "--metrics head,neuron)")  # fmt: skip
 
 
 def _collapse(target: dict[str, Any]) -> dict[str, Any]:

@@ -34,9 +34,10 @@ import torch
 from megatron_prune.errors import UserError
 from megatron_prune.plan.cost import Budget
 from megatron_prune.plan.tyr.search import Allocation, SearchConfig, Space, coarse_step, evolve
-from megatron_prune.plan.tyr.supernet import Supernet
+from megatron_prune.plan.tyr.supernet import LOCAL_PRUNERS, Supernet
 
 TYR_DIMS = ("ffn", "heads")
+SCORE_NAMES = {"head": "head/l2", "neuron": "neuron/l2"}  # prune's default unit scores
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class TyrSettings:
     error_accumulation: bool = True
     expectation_levels: int = 2  # variants each side of the start averaged for expectations
     refit: bool = True
+    local_pruner: str = "obs"  # obs: greedy OBS; scores: the units prune keeps by --scores
 
     def check(self) -> None:
         ints = {"--tyr-samples": self.samples, "--tyr-seq-len": self.seq_len,
@@ -72,6 +74,9 @@ class TyrSettings:
                             f"most --tyr-samples {self.samples}, with survivors >= 1")  # fmt: skip
         if not 0 < self.step < 1 or not 0 < self.max_sparsity < 1:
             raise UserError("--tyr-step and --tyr-max-sparsity must be in (0, 1)")
+        if self.local_pruner not in LOCAL_PRUNERS:
+            raise UserError(f"--tyr-local-pruner {self.local_pruner!r}: choose one of "
+                            f"{LOCAL_PRUNERS}")  # fmt: skip
 
 
 def parse_stages(text: str) -> tuple[tuple[int, int], ...]:
@@ -297,9 +302,13 @@ def run_tyr(inputs, settings: TyrSettings, data: Path, workdir: Path, resume: bo
     ids = tokenizer.encode(Path(data).read_text(encoding="utf-8"))
     windows = packed_samples(ids, settings.samples, settings.seq_len, settings.seed, bos)
     model = api.open_model(inputs.paths["checkpoint"], ParallelLayout(), device)
+    unit_scores = None
+    if settings.local_pruner == "scores":
+        unit_scores = {k: inputs.scores[name].float() for k, name in SCORE_NAMES.items()}
     supernet = Supernet(workdir / "supernet", heads=source.num_attention_heads,
                         groups=source.num_query_groups, head_dim=source.head_dim,
-                        ffn=source.ffn_hidden_size, refit=settings.refit)  # fmt: skip
+                        ffn=source.ffn_hidden_size, refit=settings.refit,
+                        scores=unit_scores)  # fmt: skip
     evaluator = Evaluator(model, supernet, grids, windows)
     build_supernet(model, supernet, grids, space, start, windows, settings, evaluator, steps)
     built = time.perf_counter() - started

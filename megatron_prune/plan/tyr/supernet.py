@@ -26,6 +26,20 @@ from megatron_prune.checkpoint.atomic import replace_atomic
 from megatron_prune.plan.tyr.local_pruner import kept_columns, prune_columns, removal_order
 
 KINDS = ("attn", "ffn")
+LOCAL_PRUNERS = ("obs", "scores")
+
+
+def score_order(scores: torch.Tensor, balance: int = 1) -> list[int]:
+    """The removal order under which every prefix leaves what ``prune`` keeps by ``scores`` at
+    that width: its ``top_indices`` inside each of ``balance`` equal blocks (query groups),
+    removed one unit per block per round, lowest score first."""
+    per_block = scores.numel() // balance
+    ranked = []  # per block: units from best to worst, as top_indices ranks them
+    for b in range(balance):
+        block = scores[b * per_block:(b + 1) * per_block]
+        best_first = torch.argsort(block.double(), descending=True, stable=True)  # as top_indices
+        ranked.append([b * per_block + int(u) for u in best_first])
+    return [ranked[b][per_block - 1 - r] for r in range(per_block) for b in range(balance)]
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -38,7 +52,11 @@ class Supernet:
     ``head_dim`` and an FFN of ``ffn`` neurons."""
 
     def __init__(self, folder: Path, *, heads: int, groups: int, head_dim: int, ffn: int,
-                 refit: bool = True, cache: int = 64) -> None:  # fmt: skip
+                 refit: bool = True, cache: int = 64,
+                 scores: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+        """``scores`` (``head``: [L, n], ``neuron``: [L, f]): choose the units as ``prune`` does
+        from them, instead of by OBS (the variants are then ``prune``'s layers, refit aside)."""
+        self.scores = scores
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.heads, self.groups, self.head_dim, self.ffn = heads, groups, head_dim, ffn
@@ -57,9 +75,13 @@ class Supernet:
                   fc2_gram: torch.Tensor, *, min_heads: int, min_ffn: int) -> None:  # fmt: skip
         """Store layer ``i``'s dense weights and statistics with its removal orders, down to
         ``min_heads`` heads and ``min_ffn`` neurons (the narrowest variants the search uses)."""
-        attn = removal_order(proj, proj_gram, self.head_dim, balance=self.groups,
-                             count=self.heads - min_heads)  # fmt: skip
-        ffn = removal_order(fc2, fc2_gram, 1, count=self.ffn - min_ffn)
+        if self.scores is not None:
+            attn = score_order(self.scores["head"][i], self.groups)[: self.heads - min_heads]
+            ffn = score_order(self.scores["neuron"][i])[: self.ffn - min_ffn]
+        else:
+            attn = removal_order(proj, proj_gram, self.head_dim, balance=self.groups,
+                                 count=self.heads - min_heads)  # fmt: skip
+            ffn = removal_order(fc2, fc2_gram, 1, count=self.ffn - min_ffn)
         _save(self._layer_file(i), {
             "proj": proj.detach().cpu(), "fc2": fc2.detach().cpu(),
             "proj_gram": proj_gram.double().cpu(), "fc2_gram": fc2_gram.double().cpu(),
