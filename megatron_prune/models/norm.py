@@ -8,6 +8,7 @@ parallelism, and Transformer Engine is unavailable on CPU and NPU, so the famili
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -40,9 +41,9 @@ class RMSNorm(torch.nn.Module):
         return w + 1.0 if self.zero_centered_gamma else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.gamma()).to(x.dtype)
+        # torch's own rms_norm: one fused kernel on CUDA instead of five elementwise ones
+        normed = F.rms_norm(x.float(), (x.size(-1),), self.gamma(), self.eps)
+        return normed.to(x.dtype)
 
 
 class QKNorm(RMSNorm):
