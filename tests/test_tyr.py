@@ -156,7 +156,10 @@ def tiny(tmp_path_factory, austen_calibration_text):
     save_file(random_scores(arch), str(tmp / "scores" / "scores.safetensors"))
     (tmp / "scores" / "meta.json").write_text(
         json.dumps({"format_version": 1, "arch": arch.to_dict()}))
-    return tmp, arch
+    yield tmp, arch
+    from megatron_prune.distributed import shutdown
+
+    shutdown()  # the world of one the API started in this process: later tests start afresh
 
 
 SMALL = TyrSettings(samples=4, seq_len=32, iterations=2, generations=3, offspring=4,
