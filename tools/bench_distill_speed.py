@@ -2,6 +2,9 @@
 
   step   KD step time / (teacher forward + student LM training step), same batches, target <= 1.10
          python tools/bench_distill_speed.py step --device cuda [--seq-len 2048 --micro-batch 4]
+  attention  forward and KD-step tokens/s, fused core attention (default) vs megatron-core's
+         local one, same models and batches, interleaved
+         python tools/bench_distill_speed.py attention --device cpu --seq-len 512 --micro-batch 1
   memory peak memory of the loss (forward + backward, given logits) on each of 2 TP ranks:
          vocab-parallel KL vs gathering both logits and a full-vocabulary KL, target <= 0.5x
          python -m torch.distributed.run --nproc-per-node 2 tools/bench_distill_speed.py memory
@@ -29,7 +32,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_step(args: argparse.Namespace) -> dict:
+def _step_jobs(args: argparse.Namespace, attention_backend: str) -> tuple[dict, dict]:
+    """(jobs, facts): the KD step, the student's LM step and the teacher's forward on the same
+    batches, with models built for ``attention_backend``."""
     import functools
 
     from megatron_prune.data.models import smollm2_135m_arch
@@ -59,12 +64,29 @@ def bench_step(args: argparse.Namespace) -> dict:
         for rows in tokens.split(args.micro_batch)
     ]  # fmt: skip
     teacher_dtype = torch.bfloat16 if args.teacher_bf16 else torch.float32
-    teacher = build_model(teacher_arch, device=place, params_dtype=teacher_dtype)
-    kd = prepare_training(build_model(student_arch, device=place), teacher, options)
-    lm = prepare_training(build_model(student_arch, device=place), None, options)
+    build = functools.partial(build_model, device=place, attention_backend=attention_backend)
+    teacher = build(teacher_arch, params_dtype=teacher_dtype)
+    kd = prepare_training(build(student_arch), teacher, options)
+    lm = prepare_training(build(student_arch), None, options)
     kd_loss = functools.partial(distillation_loss, DistillLossConfig(), vocab)
     lm_loss = functools.partial(distillation_loss, DistillLossConfig(lm_weight=1.0), vocab)
     whole_tokens = torch.cat([mb["tokens"] for mb in micro_batches])
+    jobs = {
+        "kd_step": lambda: train_step(*kd, micro_batches, kd_loss, args.seq_len),
+        "student_step": lambda: train_step(*lm, micro_batches, lm_loss, args.seq_len),
+        "teacher_forward": lambda: forward_reduce(
+            teacher, whole_tokens, lambda lg: lg[:, :1, :1].float(), args.micro_batch
+        ),
+    }
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    facts = {"device": name, "tokens_per_step": options.global_batch * args.seq_len,
+             "torch_device": device}  # fmt: skip
+    return jobs, facts
+
+
+def _best_times(jobs: dict, device: torch.device, args: argparse.Namespace) -> dict[str, float]:
+    """Best of ``args.repeats`` after ``args.warmup``, jobs interleaved so that drifts in the
+    machine's speed hit all of them."""
 
     def timed(fn) -> float:
         _sync(device)
@@ -73,27 +95,44 @@ def bench_step(args: argparse.Namespace) -> dict:
         _sync(device)
         return time.perf_counter() - start
 
-    jobs = {
-        "kd_step": lambda: train_step(*kd, micro_batches, kd_loss, args.seq_len),
-        "student_step": lambda: train_step(*lm, micro_batches, lm_loss, args.seq_len),
-        "teacher_forward": lambda: forward_reduce(
-            teacher, whole_tokens, lambda lg: lg[:, :1, :1].float(), args.micro_batch
-        ),
-    }
     times: dict[str, list[float]] = {name: [] for name in jobs}
     for repeat in range(args.warmup + args.repeats):
-        for name, job in jobs.items():  # interleaved, so drifts in machine speed hit all three
+        for name, job in jobs.items():
             seconds = timed(job)
             if repeat >= args.warmup:
                 times[name].append(seconds)
-    best = {name: min(values) for name, values in times.items()}
+    return {name: min(values) for name, values in times.items()}
+
+
+def bench_step(args: argparse.Namespace) -> dict:
+    jobs, facts = _step_jobs(args, args.attention_backend)
+    best = _best_times(jobs, facts["torch_device"], args)
     return {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "tokens_per_step": options.global_batch * args.seq_len,
+        "device": facts["device"],
+        "tokens_per_step": facts["tokens_per_step"],
         "seconds": best,
         "ratio": best["kd_step"] / (best["teacher_forward"] + best["student_step"]),
         "settings": vars(args),
     }
+
+
+def bench_attention(args: argparse.Namespace) -> dict:
+    """Forward (the teacher's, SmolLM2-135M) and KD-step tokens/s with the default fused core
+    attention vs megatron-core's local one, timed interleaved in one process."""
+    jobs, facts = {}, {}
+    for backend in ("auto", "local"):
+        backend_jobs, facts = _step_jobs(args, backend)
+        jobs[f"forward_{backend}"] = backend_jobs["teacher_forward"]
+        jobs[f"kd_step_{backend}"] = backend_jobs["kd_step"]
+    best = _best_times(jobs, facts["torch_device"], args)
+    tokens = facts["tokens_per_step"]
+    per_second = {name: tokens / seconds for name, seconds in best.items()}
+    return {
+        "device": facts["device"], "tokens_per_step": tokens, "tokens_per_second": per_second,
+        "forward_speedup": per_second["forward_auto"] / per_second["forward_local"],
+        "kd_step_speedup": per_second["kd_step_auto"] / per_second["kd_step_local"],
+        "settings": vars(args),
+    }  # fmt: skip
 
 
 def bench_memory(args: argparse.Namespace) -> dict:
@@ -163,7 +202,9 @@ def bench_memory(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["step", "memory"])
+    parser.add_argument("what", choices=["step", "memory", "attention"])
+    parser.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "local"],
+                        help="step: the core attention of every model")  # fmt: skip
     parser.add_argument("--device", default=None, help="cuda, npu or cpu (default: best)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=4)
@@ -173,7 +214,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    result = bench_step(args) if args.what == "step" else bench_memory(args)
+    run = {"step": bench_step, "memory": bench_memory, "attention": bench_attention}
+    result = run[args.what](args)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result), flush=True)
 

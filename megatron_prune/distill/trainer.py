@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_prune.accelerator import cuda_type_names
 from megatron_prune.checkpoint.megatron_io import LoadedModel, load_model
 from megatron_prune.checkpoint.metadata import CheckpointMeta, provenance
-from megatron_prune.compute import PRECISION_DTYPES
+from megatron_prune.compute import PRECISION_DTYPES, ComputeOptions
 from megatron_prune.data.training import GlobalBatches, TokenizerView, build_train_dataset
 from megatron_prune.distill.loss import DistillLossConfig, distillation_loss
 from megatron_prune.distill.metrics import MetricsSink
@@ -187,6 +187,10 @@ def prepare_training(
 ) -> tuple[list, list[torch.nn.Module], object, OptimizerParamScheduler]:
     """Wrap built models for training: (student DDP chunks, what the schedule runs, optimizer,
     LR scheduler). Without a teacher the schedule runs the student alone (LM loss)."""
+    if options.precision == "auto":  # bf16 on an accelerator, fp32 on the CPU
+        place = next(student_chunks[0].parameters()).device
+        precision = ComputeOptions(precision="auto").resolved_precision(place)
+        options = replace(options, precision=precision)
     for chunk in student_chunks:
         chunk.train()
     student_chunks[0].config.calculate_per_token_loss = True  # one config object per model
