@@ -13,8 +13,8 @@ model in this process (a world of one).
 4. The search (:mod:`search`): fitness is the mean per-token KL(dense || candidate) of the
    first n calibration windows, computed by the project's vocab-parallel KL
    (:func:`megatron_prune.distill.kl.vocab_parallel_kl`) on logits of the dense-shaped model
-   with the candidate's variants swapped in. The dense logits are computed once and kept on the
-   CPU (tokens x padded vocabulary x 4 bytes).
+   with the candidate's variants swapped in. The dense logits of the largest stage's windows
+   are computed once and kept on the CPU (tokens x padded vocabulary x 4 bytes).
 
 The work folder (``PLAN.tyr/``) holds the supernet and the search state; ``resume`` continues
 from it when the settings match.
@@ -309,11 +309,11 @@ def run_tyr(inputs, settings: TyrSettings, data: Path, workdir: Path, resume: bo
                         groups=source.num_query_groups, head_dim=source.head_dim,
                         ffn=source.ffn_hidden_size, refit=settings.refit,
                         scores=unit_scores)  # fmt: skip
-    evaluator = Evaluator(model, supernet, grids, windows)
+    last = settings.stages[-1][0]
+    evaluator = Evaluator(model, supernet, grids, windows[:last])  # dense logits of these only
     build_supernet(model, supernet, grids, space, start, windows, settings, evaluator, steps)
     built = time.perf_counter() - started
     log(f"tyr: supernet of {source.num_layers} layers in {built:.1f} s; searching")
-    last = settings.stages[-1][0]
     start_kl = evaluator(start, last)
     state = evolve(start, space, evaluator, config, state_path=workdir / "state.json",
                    identity={"run": _fingerprint(identity)}, resume=resume)
