@@ -16,6 +16,7 @@ shows the traceback of a refusal too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -24,11 +25,16 @@ import sys
 import tempfile
 import traceback
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from megatron_prune.errors import UserError
-from megatron_prune.lifetime import LAUNCHER_PID_ENV, die_with_launcher
-from megatron_prune.paths import RUN_ID_ENV, output_locks
+from megatron_prune.lifetime import (
+    LAUNCHER_PID_ENV,
+    children_die_with_this_process,
+    die_with_launcher,
+)
+from megatron_prune.paths import RUN_ID_ENV, output_locks, release_held_locks
 
 COMMANDS = {
     "convert": "Convert GGUF / Hugging Face / Megatron checkpoints, at any TP x PP",
@@ -169,6 +175,35 @@ def relaunch(nproc: int, argv: list[str], command: str,
     return 0
 
 
+@contextlib.contextmanager
+def _stop_on_signals(command: str) -> Iterator[None]:
+    """SIGTERM / SIGHUP to a command running in this process: release its output locks, say so
+    in one line and exit at once (128 + the signal). An exception raised from a signal handler
+    is not reliable (Python swallows it inside at-fork callbacks, finalizers...: a run carried on
+    to the end that way); what is left is at most OUT.partial, as after SIGKILL. Forked helpers
+    die with this process. Main thread only (Python's rule); the old handlers come back after,
+    for callers of :func:`main` in their process."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame) -> None:
+        release_held_locks()
+        code = _stopped(command, signum)
+        sys.stderr.flush()
+        os._exit(code)
+
+    children_die_with_this_process()
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def _stopped(command: str, sig: int) -> int:
     name = signal.Signals(sig).name
     print(f"megatron-prune {command}: stopped by {name}; every rank has stopped. Outputs are "
@@ -226,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                 with output_locks(_outputs(args) if args.node_rank == 0 else []):
                     nodes = args if args.nnodes > 1 else None
                     return relaunch(nproc, argv, args.command, nodes)
-        with output_locks(_outputs(args)):
+        stop = contextlib.nullcontext() if _in_launched_rank() else _stop_on_signals(args.command)
+        with stop, output_locks(_outputs(args)):
             args.module.run(args)
     except KeyboardInterrupt:
         return _stopped(args.command, signal.SIGINT)

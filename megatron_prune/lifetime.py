@@ -20,7 +20,8 @@ import time
 PR_SET_PDEATHSIG = 1
 # The launcher's pid, set by the command line for the ranks it starts.
 LAUNCHER_PID_ENV = "MEGATRON_PRUNE_LAUNCHER_PID"
-_fork = {"from_main_thread": False}  # set in the parent just before a fork, read in the child
+# from_main_thread: set in the parent just before a fork, read in the child
+_fork = {"from_main_thread": False, "registered": False}
 
 
 def _request_death_signal() -> bool:
@@ -49,6 +50,14 @@ def die_with_parent(parent: int) -> None:
         _watch_parent(parent)
     if os.getppid() != parent:  # the parent died before the request was in place
         os._exit(128 + int(signal.SIGKILL))
+    children_die_with_this_process()
+
+
+def children_die_with_this_process() -> None:
+    """Processes forked later (from the main thread) get a death signal tied to this one."""
+    if _fork["registered"]:
+        return
+    _fork["registered"] = True
     # The death signal follows the thread that forked: only children forked by the main thread
     # (which lives as long as the rank) get it; a helper thread's fork would die with the thread.
     os.register_at_fork(before=_note_forking_thread, after_in_child=_child_dies_with_rank)

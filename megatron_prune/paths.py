@@ -154,6 +154,9 @@ def _acquire(out: Path) -> Path | None:
     raise _refusal(out, lock, holder)
 
 
+_HELD: list[Path] = []  # the locks this process holds now (a stop signal's handler frees them)
+
+
 @contextlib.contextmanager
 def output_locks(outs: Iterable[str | Path]) -> Iterator[None]:
     """Hold the locks of ``outs`` for the block (released on any exit but SIGKILL, which leaves
@@ -164,7 +167,15 @@ def output_locks(outs: Iterable[str | Path]) -> Iterator[None]:
             lock = _acquire(Path(out))
             if lock is not None:
                 taken.append(lock)
+                _HELD.append(lock)
         yield
     finally:
         for lock in taken:
             lock.unlink(missing_ok=True)
+            _HELD.remove(lock)
+
+
+def release_held_locks() -> None:
+    """Free every lock this process holds (before it exits at once on a stop signal)."""
+    while _HELD:
+        _HELD.pop().unlink(missing_ok=True)

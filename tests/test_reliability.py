@@ -118,6 +118,10 @@ def _source_cases(t: Path) -> list[tuple[str, list[str], Path]]:
                                    "--out", str(sc), "--overwrite"], sc),
         ("prune onto its target", ["prune", str(ck), "--scores", str(sc), "--target", str(tg),
                                    "--out", str(tg), "--overwrite"], tg),
+        ("eval --out into its checkpoint", ["eval", "ppl", str(ck), "--data", str(tx), "--out",
+                                            str(ck / "ppl.json")], ck),  # fmt: skip
+        ("eval --out onto its data", ["eval", "ppl", str(ck), "--data", str(tx), "--out",
+                                      str(tx)], tx),  # fmt: skip
         ("plan into its scores", ["plan", str(ck), "--scores", str(sc), "--budget", "params=0.5",
                                   "--out", str(sc / "plan.yaml")], sc),
         ("distill over its student", ["distill", "--student", str(ck), "--data", str(t / "ds"),
@@ -362,3 +366,169 @@ def test_stopped_job_stops(env, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (dst / "megatron_prune.json").is_file() and not _leftovers(tmp_path)
     assert _digest(src) == before
+
+
+# ------------------------------------------- faults at random points, sources hashed
+
+
+FAULT_SEED = 15  # the points and signals below are drawn from this seed: reruns repeat them
+
+
+@pytest.fixture(scope="module")
+def faults(env):
+    """A dataset for distill and the uninterrupted TP=1 result of each command."""
+    tmp = env / "faults"
+    r = cli_subprocess("data", "build", "--tokenizer", str(env / "ckpt"), "--input",
+                       str(env / "calib.txt"), "--output", str(tmp / "data" / "train"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    for command in FAULT_ARGS:
+        r = cli_subprocess(*_fault_argv(env, command, tmp / f"{command}_ref"))
+        assert r.returncode == 0, r.stderr
+    return tmp
+
+
+FAULT_ARGS = {
+    "prune": ["--target", "{t}/target.yaml", "--scores", "{t}/scores"],
+    "score": ["--data", "{t}/calib.txt", "--samples", "16", "--seq-len", "16",
+              "--micro-batches", "2", "--save-every", "1"],  # fmt: skip
+    "distill": ["--teacher", "{t}/ckpt", "--data", "{t}/faults/data/train", "--train-tokens",
+                "384", "--seq-len", "16", "--global-batch", "2", "--lm-weight", "0.5",
+                "--save-interval", "2"],  # fmt: skip
+}
+# Observable points of each run: its process started (importing), its first log line (model
+# loaded, work begun), OUT.partial (prune, score) or a metrics record (distill) on disk.
+FAULT_POINTS = {"prune": ("started", "working", "writing"),
+                "score": ("started", "working", "writing"),
+                "distill": ("started", "working", "training")}  # fmt: skip
+
+
+def _fault_argv(t: Path, command: str, out: Path, *extra: str) -> list[str]:
+    first = ["distill", "--student"] if command == "distill" else [command]
+    args = [a.format(t=t) for a in FAULT_ARGS[command]]
+    return [*first, str(t / "ckpt"), *args, "--out", str(out), *extra]
+
+
+def _sources(t: Path) -> dict[str, str]:
+    return (_digest(t / "ckpt") | _digest(t / "scores") | _digest(t / "target.yaml")
+            | _digest(t / "calib.txt") | _digest(t / "faults" / "data"))  # fmt: skip
+
+
+def _reached(point: str, out: Path, stderr: Path) -> bool:
+    if point == "started":
+        return True
+    if point == "working":
+        return "[megatron-prune]" in stderr.read_text()
+    if point == "writing":
+        return out.with_name(out.name + ".partial").exists()
+    metrics = out / "metrics.jsonl"  # training
+    return metrics.is_file() and bool(metrics.read_text().strip())
+
+
+def _whole_tensors(checkpoint: Path) -> dict:
+    from megatron_prune.checkpoint.partial import CheckpointReader
+
+    reader = CheckpointReader(checkpoint)
+    return reader.read(reader.names())
+
+
+def _same_result(command: str, ref: Path, got: Path, tp: int) -> None:
+    """The rerun's output equals the uninterrupted TP=1 run's: bit for bit at TP=1 (and for
+    prune, whose surgery is exact at any TP), within float rounding of TP=2's reductions."""
+    import torch
+    from safetensors.torch import load_file
+
+    exact = tp == 1 or command == "prune"
+
+    def close(a, b, what):
+        ok = a.equal(b) if exact else torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-7)
+        assert ok, (command, tp, what)
+
+    if command == "prune":
+        one, two = _whole_tensors(ref), _whole_tensors(got)
+    elif command == "score":
+        one, two = (load_file(str(p / "scores.safetensors")) for p in (ref, got))
+    else:
+        one, two = ([json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]
+                    for p in (ref, got))  # fmt: skip
+        assert [r["step"] for r in two] == [r["step"] for r in one], (tp, two)
+        one = {f"{r['step']}/{k}": torch.tensor(r[k]) for r in one for k in ("loss", "grad_norm")}
+        two = {f"{r['step']}/{k}": torch.tensor(r[k]) for r in two for k in ("loss", "grad_norm")}
+    assert set(one) == set(two) and one, (command, tp)
+    for name in one:
+        close(one[name], two[name], name)
+
+
+def _rerun_flags(command: str, out: Path) -> list[str]:
+    """What a user reruns with: --resume where a partial run can be continued."""
+    if command == "score" and (out.with_name(out.name + ".partial") / "partial.json").is_file():
+        return ["--resume"]
+    if command != "distill" and out.exists():  # the signal came after it was published
+        return ["--overwrite"]
+    if command == "distill" and out.exists():
+        has_step = any((out / "checkpoints").glob("step_*[0-9]"))
+        return ["--resume"] if has_step else ["--overwrite"]
+    return []
+
+
+def _fault_cases() -> list[tuple[str, int, signal.Signals, str, float]]:
+    """(command, tp, signal, point, delay): per command SIGTERM at one TP and SIGKILL at the
+    other, each at a point and a delay after it drawn from FAULT_SEED."""
+    import random
+
+    rng = random.Random(FAULT_SEED)
+    cases = []
+    for command in FAULT_ARGS:
+        sigs = rng.sample([signal.SIGTERM, signal.SIGKILL], 2)
+        for tp, sig in zip((1, 2), sigs, strict=True):
+            cases.append((command, tp, sig, rng.choice(FAULT_POINTS[command]),
+                          round(rng.uniform(0.0, 0.1), 3)))  # fmt: skip
+    return cases
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("command", list(FAULT_ARGS))
+def test_faults_at_random_points(env, faults, tmp_path, command):
+    """SIGTERM and SIGKILL to `megatron-prune COMMAND` at TP=1 (the command runs in its own
+    process) and TP=2 (two ranks under its launcher): the sources keep their bytes, no process
+    outlives the command, the output is absent or complete, and a rerun (or --resume) gives the
+    uninterrupted result. TP=2, not 3: the tiny model has 4 heads / 2 groups."""
+    before = _sources(env)
+    for name, tp, sig, point, delay in [c for c in _fault_cases() if c[0] == command]:
+        out, stderr = tmp_path / f"{name}_tp{tp}", tmp_path / f"{name}_tp{tp}.stderr"
+        argv = _fault_argv(env, command, out, "--tp", str(tp))
+        penv = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        penv.pop(RUN_ID_ENV, None)
+        with stderr.open("w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "megatron_prune.cli", *argv],
+                                    env=penv, stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+        seen: set[int] = set()
+
+        def at_point(proc=proc, out=out, stderr=stderr, point=point, seen=seen) -> bool:
+            seen.update(_children(proc.pid))
+            return proc.poll() is not None or _reached(point, out, stderr)
+
+        _wait_for(at_point, 300, f"{name} TP={tp} to reach '{point}'")
+        time.sleep(delay)
+        seen.update(_children(proc.pid))
+        finished_first = proc.poll() is not None
+        if not finished_first:
+            proc.send_signal(sig)
+        proc.wait(timeout=60)
+        case = (name, tp, sig.name, point, delay, stderr.read_text()[-2000:])
+        if finished_first:  # the run ended before the point's delay ran out: it must be whole
+            assert proc.returncode == 0, case
+            print(f"{case[:5]}: finished before the signal")
+        elif sig == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL, case
+        elif proc.returncode != -signal.SIGTERM:  # -SIGTERM: stopped while still starting up
+            assert proc.returncode == 128 + signal.SIGTERM, case
+            assert "stopped by SIGTERM" in stderr.read_text(), case
+        _wait_for(lambda seen=seen: not any(_alive(p) for p in seen), 15, f"{case[:4]}: exit")
+        assert _sources(env) == before, case
+        if command != "distill":  # its run folder holds metrics and checkpoints as it trains
+            done = out / ("meta.json" if command == "score" else "megatron_prune.json")
+            assert not out.exists() or done.is_file(), case  # absent, or published whole
+        r = cli_subprocess(*argv, *_rerun_flags(command, out))
+        assert r.returncode == 0, (case, r.stderr[-2000:])
+        _same_result(command, faults / f"{command}_ref", out, tp)
+        assert not _leftovers(tmp_path) and _sources(env) == before, case

@@ -39,6 +39,11 @@ def validate(args: argparse.Namespace) -> None:
     api.check_text(args.data, "--data")
     if args.out and Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a folder: name the JSON file to write")
+    if args.out:
+        from megatron_prune.paths import check_not_input, check_writable
+
+        check_not_input(args.out, "--out", {"CHECKPOINT": args.checkpoint, "--data": args.data})
+        check_writable(args.out)
 
 
 def run(args: argparse.Namespace) -> None:
