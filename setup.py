@@ -15,7 +15,7 @@ setup(
     packages=find_packages(include=["megatron_prune", "megatron_prune.*"]),
     install_requires=[
         "torch>=2.4",
-        "megatron-core==0.16.1",
+        "megatron-core>=0.12,<0.17",  # supported range: megatron_prune/compat.py
         "safetensors",
         "tokenizers",
         "gguf",

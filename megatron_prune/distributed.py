@@ -120,9 +120,10 @@ def initialize(layout: ParallelLayout, device: str | None = None, seed: int = 12
     layout again keeps the groups it has.
     """
     global _CURRENT_LAYOUT
-    from megatron_prune.compat import check_megatron_core
+    from megatron_prune.compat import check_megatron_core, fit_release
 
     check_megatron_core()
+    fit_release()
     accel = prepare(device)
     init_torch_distributed(accel)
     from megatron.core import parallel_state, tensor_parallel

@@ -19,10 +19,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def torchrun(worker: str, nproc: int, *args: str, timeout: int = 900) -> str:
-    """Run ``tests/workers/<worker>`` under torchrun; fail with its output if any rank fails."""
+def torchrun(
+    worker: str, nproc: int, *args: str, timeout: int = 900, python: str = sys.executable
+) -> str:
+    """Run ``tests/workers/<worker>`` under torchrun; fail with its output if any rank fails.
+    ``python`` may be another virtualenv's interpreter (tests across megatron-core versions)."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        python, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={nproc}", str(WORKERS / worker), *args,
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from megatron_prune import compat
 from megatron_prune.models.families import get_family
 from tests.helpers import torchrun
 from tests.reference_sandwich import SandwichLM
@@ -83,6 +84,8 @@ def test_logits_match_reference(parity_report, family, layout):
 def test_fused_attention_equals_local(parity_report, family, layout):
     """The default core attention (SDPA: causal, GQA, Gemma 3's sliding window and softmax
     scale, QK-norm upstream) gives the logits of megatron-core's DotProductAttention."""
+    if family == "gemma3" and not compat.local_attention_has_window():
+        pytest.skip("megatron-core before 0.15 has no sliding window in its local attention")
     diff = parity_report[family + ":fused_vs_local"][json.dumps(layout, sort_keys=True)]
     assert diff <= ATTENTION_TOLERANCE, f"{family} at {layout}: fused vs local {diff:.2e}"
 

@@ -15,6 +15,7 @@ import torch
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_prune import compat
 from megatron_prune.checkpoint.metadata import CheckpointError, CheckpointMeta
 from megatron_prune.models.arch import ModelArch
 
@@ -23,7 +24,11 @@ def sharded_model_state(chunks: list[torch.nn.Module]) -> dict:
     """Model chunks as dist-checkpoint state: key "model", or "model0", "model1", ... (VPP)."""
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    state = {}
+    for i, chunk in enumerate(chunks):
+        with compat.virtual_stage(i):  # megatron-core 0.12 keys layers by the global stage
+            state[f"model{i}"] = chunk.sharded_state_dict()
+    return state
 
 
 def save_chunks(
@@ -31,7 +36,7 @@ def save_chunks(
 ) -> None:
     """Collective: every rank saves its shards (and ``common``, non-sharded state) into
     ``directory``."""
-    _forked_results_queue()
+    prepare_save()
     dist_checkpointing.save({**sharded_model_state(chunks), **(common or {})}, str(directory))
 
 
@@ -56,13 +61,20 @@ def save_model_checkpoint(
         write_tracker(directory)
 
 
+def prepare_save() -> None:
+    """Call before every ``dist_checkpointing.save``: the writer's results queue and what older
+    megatron-core releases need patched (:func:`megatron_prune.compat.fit_release`)."""
+    _forked_results_queue()
+    compat.fit_release()
+
+
 def _forked_results_queue() -> None:
     """Give megatron-core's checkpoint writer its results queue from a forked manager.
 
-    megatron-core 0.16 creates the queue on first save from a *spawned* multiprocessing
-    manager: a fresh interpreter that re-imports the main module (about 3 s and 0.3-0.4 GB per
-    rank, measured by tools/bench_memory.py). A forked manager serves the same queue at once
-    and shares its pages with the rank.
+    megatron-core (every release from 0.12 to 0.16) creates the queue on first save from a
+    *spawned* multiprocessing manager: a fresh interpreter that re-imports the main module
+    (about 3 s and 0.3-0.4 GB per rank, measured by tools/bench_memory.py). A forked manager
+    serves the same queue at once and shares its pages with the rank.
     """
     import multiprocessing
 
@@ -173,6 +185,7 @@ def load_model(
     params_dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
     attention_backend: str = "auto",
+    recompute_granularity: str | None = None,
 ) -> LoadedModel:
     """Build this rank's chunks for the checkpoint's architecture at the current parallel state
     and load them. Megatron's parallel state must already be initialised."""
@@ -186,6 +199,7 @@ def load_model(
         device=device,
         initialize=False,
         attention_backend=attention_backend,
+        recompute_granularity=recompute_granularity,
     )
     load_chunks(chunks, Path(directory))
     return LoadedModel(meta=meta, chunks=chunks, path=Path(directory))

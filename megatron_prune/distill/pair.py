@@ -17,7 +17,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from megatron.core.utils import get_attr_wrapped_model, unwrap_model
+from megatron.core.utils import get_attr_wrapped_model
+
+from megatron_prune.compat import unwrap_model
 
 
 class DistillationChunk(torch.nn.Module):

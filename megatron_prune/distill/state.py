@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 
+from megatron_prune import compat
 from megatron_prune.checkpoint.atomic import atomic_directory, is_writer, write_text_atomic
 from megatron_prune.checkpoint.megatron_io import (
     apply_model_state,
     load_sharded,
+    prepare_save,
     save_model_checkpoint,
     sharded_model_state,
 )
@@ -56,15 +58,12 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-# The distributed optimizer's state in model space (one tensor per parameter), so a checkpoint
-# loads at another layout too; 0.16.1's default format ("fully_sharded_model_space") needs
-# flattened ShardedTensors that its own dist_checkpointing no longer accepts.
-_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
 def _template(chunks: list[torch.nn.Module], optimizer, is_loading: bool) -> dict:
+    """Model and optimizer state; the distributed optimizer's in model space (one tensor per
+    parameter), so a checkpoint loads at another layout too (the format is the release's:
+    compat.optimizer_sharded_state_dict)."""
     model = sharded_model_state(chunks)
-    optim = optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=_OPTIMIZER_FORMAT)
+    optim = compat.optimizer_sharded_state_dict(optimizer, model, is_loading)
     return {**model, "optimizer": optim}
 
 
@@ -82,6 +81,7 @@ def save_training_checkpoint(
     target = checkpoint_dir(out, state.step)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(target, overwrite=True) as scratch:
+        prepare_save()
         dist_checkpointing.save(_template(chunks, optimizer, is_loading=False), str(scratch))
         if is_writer():
             _write_description(scratch, meta, tokenizer_from)

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.utils import is_layer_window_attention
+
+from megatron_prune.compat import is_layer_window_attention, model_layer_number
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "local")
 
@@ -68,9 +69,8 @@ class FusedCoreAttention(MegatronModule):
         if config.apply_query_key_layer_scaling:  # as DotProductAttention: scale / layer number
             self.softmax_scale /= layer_number
         self.window = None  # (left, right) tokens a query sees besides itself
-        if is_layer_window_attention(
-            config.window_size, config.window_attn_skip_freq, layer_number
-        ):
+        in_model = model_layer_number(layer_number, config)
+        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, in_model):
             self.window = tuple(config.window_size)
         self.dropout_p = (
             config.attention_dropout if attention_dropout is None else attention_dropout

@@ -7,7 +7,7 @@ Parallelism is whatever Megatron's parallel state says when this runs.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_prune import compat
 from megatron_prune.models.arch import ModelArch
 from megatron_prune.models.norm import RMSNorm
 from megatron_prune.models.spec import layer_spec
@@ -49,12 +50,12 @@ class PerLayerTransformerConfig(TransformerConfig):
         """A plain TransformerConfig for 1-based ``layer_number`` (what megatron-core calls)."""
         if layer_number not in self._layer_configs:
             ffn, heads, groups = self.layer_widths[layer_number - 1]
-            base = {f.name: getattr(self, f.name) for f in fields(TransformerConfig) if f.init}
+            base = compat.config_values(self, TransformerConfig)
             base.update(
                 ffn_hidden_size=ffn, num_attention_heads=heads, num_query_groups=groups,
                 heterogeneous_block_specs=False,
             )  # fmt: skip
-            self._layer_configs[layer_number] = TransformerConfig(**base)
+            self._layer_configs[layer_number] = compat.make_config(TransformerConfig, **base)
         return self._layer_configs[layer_number]
 
 
@@ -65,7 +66,7 @@ def batched_p2p_supported() -> bool:
     there is no p2p to batch and the answer is Megatron's default."""
     if not torch.distributed.is_initialized():
         return True
-    group = parallel_state.get_pipeline_model_parallel_group(check_initialized=False)
+    group = compat.pipeline_group_or_none()
     if group is None:
         return True
     return torch.distributed.get_backend(group) != "gloo"
@@ -97,7 +98,8 @@ def transformer_config(
     if arch.heterogeneous:
         per_layer["layer_widths"] = tuple(tuple(w) for w in arch.all_widths())
     config_class = PerLayerTransformerConfig if per_layer else TransformerConfig
-    return config_class(
+    return compat.make_config(
+        config_class,
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         ffn_hidden_size=arch.ffn_hidden_size,
@@ -155,9 +157,17 @@ def build_chunk(
     attention_backend: str = "auto",
 ) -> GPTModel:
     """One GPTModel holding this rank's layers of virtual-pipeline chunk ``vp_stage``."""
-    pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-    post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    n_local = get_num_layers_to_build(config, vp_stage=vp_stage)
+    with compat.virtual_stage(vp_stage):  # megatron-core 0.12 reads the stage from there
+        return _build_chunk(arch, config, vp_stage, attention_backend)
+
+
+def _build_chunk(
+    arch: ModelArch, config: TransformerConfig, vp_stage: int | None, attention_backend: str
+) -> GPTModel:
+    stage = compat.vp_kwargs(vp_stage)
+    pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, **stage)
+    post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, **stage)
+    n_local = get_num_layers_to_build(config, **stage)
     spec = layer_spec(arch, attention_backend=attention_backend)
     block = TransformerBlockSubmodules(layer_specs=[spec] * n_local, layer_norm=RMSNorm)
     model = GPTModel(
@@ -170,8 +180,9 @@ def build_chunk(
         share_embeddings_and_output_weights=arch.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=arch.rope_theta,
-        vp_stage=vp_stage,
+        **stage,
     )
+    compat.mark_vp_stage(model, vp_stage)
     if pre and arch.embedding_scale != 1.0:
         # Gemma multiplies token embeddings by sqrt(h); GPTModel has no slot for it.
         model.embedding.register_forward_hook(_embedding_scaler(arch.embedding_scale))

@@ -17,8 +17,8 @@ import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention
-from megatron.core.transformer.utils import is_layer_window_attention
 
+from megatron_prune.compat import is_layer_window_attention, model_layer_number
 from megatron_prune.models.norm import RMSNorm
 
 
@@ -45,7 +45,9 @@ class LocalRopeSelfAttention(SelfAttention):
         super().__init__(*args, **kwargs)
         self.local_rotary = None
         local = is_layer_window_attention(
-            self.config.window_size, self.config.window_attn_skip_freq, self.layer_number
+            self.config.window_size,
+            self.config.window_attn_skip_freq,
+            model_layer_number(self.layer_number, self.config),
         )
         if local and local_rope_theta is not None:
             self.local_rotary = RotaryEmbedding(

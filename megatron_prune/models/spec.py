@@ -18,6 +18,8 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
+from megatron_prune import compat
+from megatron_prune.errors import UserError
 from megatron_prune.models.arch import ModelArch
 from megatron_prune.models.attention import core_attention_module
 from megatron_prune.models.layers import LocalRopeSelfAttention, PostNormRowParallelLinear
@@ -44,6 +46,12 @@ def layer_spec(
     ``attention_backend`` picks the core attention (:func:`~megatron_prune.models.attention.
     core_attention_module`); it changes no parameter, so checkpoints do not depend on it.
     """
+    windowed = arch.sliding_window is not None
+    if attention_backend == "local" and windowed and not compat.local_attention_has_window():
+        raise UserError(
+            f"--attention-backend local: megatron-core {compat.megatron_core_version()}'s local "
+            "attention has no sliding window (0.15 added it): use --attention-backend auto"
+        )
     sandwich = arch.post_norms if post_norms is None else post_norms
     projection = PostNormRowParallelLinear if sandwich else RowParallelLinear
     qk_norm = QKNorm if arch.qk_norm else IdentityOp
