@@ -201,3 +201,27 @@ def test_stamps_fingerprint_content_and_folders(tmp_path):
     (folder / "sub" / "x.bin").write_bytes(b"xy")
     assert stamps.fingerprint(folder, exclude=(folder / "report",)) != seen
     assert stamps.fingerprint(tmp_path / "none") == "missing"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("step:\n  - convert: {src: a, dst: b}\n", "unknown key in recipe"),
+        ("steps:\n  - convert: {src: a, dst: b, overwirte: true}\n", "did you mean 'overwrite'"),
+        ("steps:\n  - convert: {src: a, dst: b\n", "YAML syntax error at line"),
+        ("steps:\n  - convert: {src: a, dst: '${here}'}\n", "the recipe"),
+    ],
+    ids=["top-level-key", "step-flag", "yaml-syntax", "output-is-the-recipe"],
+)
+def test_bad_recipes_are_refused_in_one_line_before_any_step(tmp_path, capsys, text, expected):
+    """Unknown keys (with the nearest valid one), syntax errors and a step that would write
+    over the recipe file itself: exit 2, one line, nothing run."""
+    from megatron_prune.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text.replace("${here}", str(recipe)))
+    before = recipe.read_bytes()
+    code = main(["run", str(recipe), "--workdir", str(tmp_path / "work")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+    assert recipe.read_bytes() == before and not (tmp_path / "work").exists()

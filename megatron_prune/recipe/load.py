@@ -21,9 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from megatron_prune.errors import UserError
+from megatron_prune.inputs import check_keys, read_yaml
+from megatron_prune.paths import check_not_input
+
+RECIPE_KEYS = ("vars", "steps")
+# the flags through which a step writes (checked against the recipe file itself)
+OUTPUT_FLAGS = {"convert": ("dst",), "score": ("out",), "plan": ("out",), "prune": ("out",),
+                "distill": ("out",), "report": ("out",), "eval": ("out",),
+                "data": ("output",)}  # fmt: skip
 
 POSITIONAL = {
     "convert": ("src", "dst"),
@@ -123,9 +129,10 @@ def make_step(index: int, step: Any, env: dict[str, str], workdir: str) -> Step:
 def load_recipe(path: Path, overrides: list[str], workdir: str) -> Recipe:
     """Read, expand and parse every step (argparse only: inputs are not checked until the step
     itself runs)."""
-    if not path.is_file():
-        raise UserError(f"recipe {path} does not exist")
-    recipe = yaml.safe_load(path.read_text()) or {}
+    recipe = read_yaml(path, "recipe") or {}
+    if not isinstance(recipe, dict):
+        raise UserError(f"recipe {path} is not a mapping with 'steps' (and 'vars')")
+    check_keys(recipe, RECIPE_KEYS, f"recipe {path}")
     env = {k: str(v) for k, v in (recipe.get("vars") or {}).items()}
     for item in overrides:
         name, sep, value = item.partition("=")
@@ -140,9 +147,24 @@ def load_recipe(path: Path, overrides: list[str], workdir: str) -> Recipe:
 
     parser = build_parser()
     for step in steps:
-        try:
-            parser.parse_args(step.argv)
-        except SystemExit:
-            raise UserError(f"recipe step {step.index} {shlex.join(step.argv)!r} has invalid "
-                            "flags") from None  # fmt: skip
+        _check_flags(parser, step)
+        for flag in OUTPUT_FLAGS.get(step.command, ()):
+            if step.flags.get(flag) is not None:  # a step must never overwrite the recipe
+                check_not_input(str(step.flags[flag]), f"step {step.index} {flag}",
+                                {"the recipe": path})  # fmt: skip
     return Recipe(path, Path(workdir), steps)
+
+
+def _check_flags(parser, step: Step) -> None:
+    """argparse's verdict on a step, as one line; an unknown flag gets the nearest real one."""
+    subparser = next(a for a in parser._actions if a.dest == "command").choices[step.command]
+    known = [o[2:].replace("-", "_") for a in subparser._actions for o in a.option_strings
+             if o.startswith("--")]  # fmt: skip
+    given = [k.replace("-", "_") for k in step.flags if k not in POSITIONAL[step.command]]
+    check_keys(given, known,
+               f"recipe step {step.index} ({step.command})")  # fmt: skip
+    try:
+        parser.parse_args(step.argv)
+    except SystemExit:
+        raise UserError(f"recipe step {step.index} {shlex.join(step.argv)!r} has invalid "
+                        "flags") from None  # fmt: skip
