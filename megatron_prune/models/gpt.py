@@ -79,6 +79,7 @@ def transformer_config(
     params_dtype: torch.dtype = torch.float32,
     cpu_initialization: bool = True,
     initialize: bool = True,
+    recompute_granularity: str | None = None,
 ) -> TransformerConfig:
     """The TransformerConfig for ``arch`` at the current parallel state.
 
@@ -86,6 +87,8 @@ def transformer_config(
     are created (then moved to the device); it does not decide how pipeline stages talk: that
     follows the pipeline group's backend (:func:`batched_p2p_supported`), so GPU and NPU runs
     keep Megatron's batched p2p even when their parameters are created on the CPU.
+    ``recompute_granularity`` is Megatron's: ``selective`` recomputes core attention in the
+    backward pass, ``full`` whole layers (one at a time).
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -139,6 +142,9 @@ def transformer_config(
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
         batch_p2p_comm=batched_p2p_supported(),
+        recompute_granularity=recompute_granularity,
+        recompute_method="uniform" if recompute_granularity == "full" else None,
+        recompute_num_layers=1 if recompute_granularity == "full" else None,
         **per_layer,
     )
 
@@ -197,6 +203,7 @@ def build_model(
     device: torch.device | None = None,
     initialize: bool = True,
     attention_backend: str = "auto",
+    recompute_granularity: str | None = None,
 ) -> list[GPTModel]:
     """This rank's model chunks (one unless a virtual pipeline is in use), in eval mode.
     ``initialize=False`` skips random initialisation when weights are loaded right after;
@@ -207,6 +214,7 @@ def build_model(
         params_dtype=params_dtype,
         cpu_initialization=device is None or device.type == "cpu",
         initialize=initialize,
+        recompute_granularity=recompute_granularity,
     )
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     stages = [None] if vpp is None else list(range(vpp))
