@@ -243,6 +243,11 @@ def fit_numpy_2() -> None:
             module.np = _NumpyWithProduct()
 
 
+# --- 0.13-0.15: the process groups handed to core attention ----------------------------------
+# SelfAttention builds its core attention with model_comm_pgs=... in 0.13-0.14 and with
+# pg_collection=... from 0.15 (nothing in 0.12): models/attention.py accepts both names.
+
+
 # --- 0.14: unwrap_model in megatron.core.utils -----------------------------------------------
 # megatron-core 0.14 added megatron.core.utils.unwrap_model; before, only Megatron-LM had one
 # (megatron.training.utils), which this project cannot assume.

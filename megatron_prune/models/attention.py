@@ -32,8 +32,7 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "local")
 
 # npu_fusion_attention's sparse modes (torch_npu docs, "sparse_mode"): with these the kernel
 # builds causal / band masks itself from a compressed 2048 x 2048 upper-triangular mask.
-_NPU_LEFT_UP_CAUSAL = 2  # query i sees keys 0..i (training and prefill: as many queries as keys)
-_NPU_RIGHT_DOWN_CAUSAL = 3  # aligned to the last key: a KV-cache decode step sees everything
+_NPU_LEFT_UP_CAUSAL = 2
 _NPU_BAND = 4
 _NPU_COMPRESSED_MASK_SIZE = 2048
 
@@ -55,6 +54,7 @@ class FusedCoreAttention(MegatronModule):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection: Any = None,
+        model_comm_pgs: Any = None,  # pg_collection's name in 0.13-0.14 (compat.py)
     ) -> None:
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -139,8 +139,7 @@ def _npu_attention(
     q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))
     mask = _npu_compressed_mask(query.device)
     if window is None:
-        same_length = query.size(0) == key.size(0)
-        extra = {"sparse_mode": _NPU_LEFT_UP_CAUSAL if same_length else _NPU_RIGHT_DOWN_CAUSAL}
+        extra = {"sparse_mode": _NPU_LEFT_UP_CAUSAL}
     else:  # band: pre_tockens keys before the query, next_tockens after it
         extra = {"sparse_mode": _NPU_BAND, "pre_tockens": window[0], "next_tockens": window[1]}
     out = torch_npu.npu_fusion_attention(
