@@ -32,7 +32,8 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "local")
 
 # npu_fusion_attention's sparse modes (torch_npu docs, "sparse_mode"): with these the kernel
 # builds causal / band masks itself from a compressed 2048 x 2048 upper-triangular mask.
-_NPU_LEFT_UP_CAUSAL = 2
+_NPU_LEFT_UP_CAUSAL = 2  # query i sees keys 0..i (training and prefill: as many queries as keys)
+_NPU_RIGHT_DOWN_CAUSAL = 3  # aligned to the last key: a KV-cache decode step sees everything
 _NPU_BAND = 4
 _NPU_COMPRESSED_MASK_SIZE = 2048
 
@@ -139,7 +140,8 @@ def _npu_attention(
     q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))
     mask = _npu_compressed_mask(query.device)
     if window is None:
-        extra = {"sparse_mode": _NPU_LEFT_UP_CAUSAL}
+        same_length = query.size(0) == key.size(0)
+        extra = {"sparse_mode": _NPU_LEFT_UP_CAUSAL if same_length else _NPU_RIGHT_DOWN_CAUSAL}
     else:  # band: pre_tockens keys before the query, next_tockens after it
         extra = {"sparse_mode": _NPU_BAND, "pre_tockens": window[0], "next_tockens": window[1]}
     out = torch_npu.npu_fusion_attention(
