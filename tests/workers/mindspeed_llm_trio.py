@@ -73,6 +73,7 @@ def main() -> None:
 
     from megatron_prune import megatron_lm as kd
     from megatron_prune.accelerator import cuda_type_names
+    from megatron_prune.compat import vp_kwargs
     from megatron_prune.distributed import ParallelLayout, initialize
     from tests.workers import trio_common as trio
 
@@ -109,11 +110,11 @@ def main() -> None:
         for i in range(vpp or 1):
             if vpp is not None:
                 parallel_state.set_virtual_pipeline_model_parallel_rank(i)  # MLM 902
-            # MLM 904-905; core 0.12's stage tests read the virtual rank set above, core 0.16's
-            # are told it
+            # MLM 904-905; core 0.12's stage tests read the virtual rank set above, 0.13+ take
+            # it as vp_stage
             stage = parallel_state.get_virtual_pipeline_model_parallel_rank()
-            pre_process = parallel_state.is_pipeline_first_stage(False, vp_stage=stage)
-            post_process = parallel_state.is_pipeline_last_stage(False, vp_stage=stage)
+            pre_process = parallel_state.is_pipeline_first_stage(False, **vp_kwargs(stage))
+            post_process = parallel_state.is_pipeline_last_stage(False, **vp_kwargs(stage))
             this_model = model_provider(pre_process=pre_process, post_process=post_process)
             this_model.model_type = model_type  # MLM 906-911
             model.append(this_model)
