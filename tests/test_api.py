@@ -88,7 +88,8 @@ def _one_refusal(result, needle):
 def test_every_rank_refusing_prints_one_line_at_tp3(workdir):
     tmp, _ = workdir
     ckpt = str(tmp / "ckpt")
-    # refused inside each of the 3 ranks, after the launch: the launcher prints it once
+    # refused inside each of the 3 ranks, after the launch: the launcher prints it once; a
+    # --nproc-per-node the layout cannot use is refused before any launch
     _one_refusal(cli("generate", ckpt, "--prompt", "", "--tp", "3"), "the prompt is empty")
     _one_refusal(cli("eval", "ppl", ckpt, "--data", str(tmp / "heldout.txt"), "--tp", "3",
-                     "--nproc-per-node", "2"), "not divisible by tp*pp=3")  # fmt: skip
+                     "--nproc-per-node", "2"), "needs a multiple of 3 ranks")  # fmt: skip
