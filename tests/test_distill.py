@@ -362,6 +362,7 @@ def test_mindspeed_llm_trio_matches_the_distill_command(models, layout_runs):
             assert abs(got[key] - ref[key]) <= 1e-5 * abs(ref[key]), (key, got, ref)
 
 
+@pytest.mark.slow  # about a minute; `make test-all`
 def test_heterogeneous_student_distils_the_same_at_tp1_and_tp2(scored, tmp_path):
     """A student pruned to per-layer widths (megatron-core per-layer configs) trains like any
     other: the same two steps at TP=1 and TP=2."""

@@ -145,9 +145,11 @@ def test_scoring_a_heterogeneous_checkpoint_is_refused(tmp_path):
     from megatron_prune.cli import build_parser
 
     arch = ModelArch(**SMALL, layer_ffn_hidden_size=[12, 6, 12])
-    CheckpointMeta(arch=arch, layout={}).write(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    CheckpointMeta(arch=arch, layout={}).write(tmp_path / "ckpt")
     (tmp_path / "data.txt").write_text("text")
-    args = build_parser().parse_args(["score", str(tmp_path), "--data", str(tmp_path / "data.txt"),
+    ckpt = str(tmp_path / "ckpt")
+    args = build_parser().parse_args(["score", ckpt, "--data", str(tmp_path / "data.txt"),
                                       "--samples", "1", "--seq-len", "4", "--out",
                                       str(tmp_path / "s")])  # fmt: skip
     with pytest.raises(UserError, match="per-layer widths"):

@@ -485,8 +485,12 @@ def _fault_cases() -> list[tuple[str, int, signal.Signals, str, float]]:
     return cases
 
 
+# prune stays in `make test`; score and distill (about a minute more) run with `make test-all`
+FAULT_CASES = [pytest.param(c, marks=pytest.mark.slow) if c != "prune" else c for c in FAULT_ARGS]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("command", list(FAULT_ARGS))
+@pytest.mark.parametrize("command", FAULT_CASES)
 def test_faults_at_random_points(env, faults, tmp_path, command):
     """SIGTERM and SIGKILL to `megatron-prune COMMAND` at TP=1 (the command runs in its own
     process) and TP=2 (two ranks under its launcher): the sources keep their bytes, no process

@@ -15,7 +15,11 @@ from safetensors.torch import load_file
 def prune(work: Path, name: str, scores: str, target: dict, *flags: str) -> Path:
     from megatron_prune.cli import build_parser
 
-    (work / f"{name}.yaml").write_text(yaml.safe_dump(target))
+    # one rank writes the target, the others wait: when every rank wrote it, one could read
+    # another's half-written file (an empty target; the drop-vs-skip check was flaky)
+    if torch.distributed.get_rank() == 0:
+        (work / f"{name}.yaml").write_text(yaml.safe_dump(target))
+    torch.distributed.barrier()
     argv = ["prune", str(work / "ckpt"), "--scores", str(work / scores),
             "--target", str(work / f"{name}.yaml"), "--out", str(work / name),
             "--overwrite", *flags]  # fmt: skip

@@ -12,6 +12,25 @@ from pathlib import Path
 import torch
 
 
+def fused_vs_local_ppl(ckpt, layout, tokens, ids, spec, model) -> dict:
+    """Perplexity of the first two windows with the fused default attention (``model``) and
+    with megatron-core's unfused one on the same weights (skipped where megatron-core's local
+    attention has no sliding window: before 0.15)."""
+    from megatron_prune import compat
+    from megatron_prune.evaluate.perplexity import perplexity
+    from tests.workers.common import logits_at
+
+    if model.arch.sliding_window is not None and not compat.since(15):
+        return {}
+    head = ids[: 2 * spec["seq_len"]]
+    fused = perplexity(model.chunks, head, spec["seq_len"], model.arch.vocab_size,
+                       spec["bos_id"], progress=False)  # fmt: skip
+    local_model, _ = logits_at(ckpt, layout, tokens[:, :2], attention_backend="local")
+    local = perplexity(local_model.chunks, head, spec["seq_len"], model.arch.vocab_size,
+                       spec["bos_id"], progress=False)  # fmt: skip
+    return {"ppl_fused_head": fused.to_dict(), "ppl_local_head": local.to_dict()}
+
+
 def main() -> None:
     from megatron_prune.checkpoint import hf
     from megatron_prune.checkpoint.sources import open_source
@@ -41,13 +60,7 @@ def main() -> None:
                 progress=False,
             )
             report["ppl"] = res.to_dict()
-            # megatron-core's unfused attention on the same weights: the fused default must
-            # not move perplexity
-            del model
-            model, _ = logits_at(first, layout, tokens[:, :2], attention_backend="local")
-            local = perplexity(model.chunks, ids, spec["seq_len"], model.arch.vocab_size,
-                               spec["bos_id"], progress=False)  # fmt: skip
-            report["ppl_local_attention"] = local.to_dict()
+            report.update(fused_vs_local_ppl(first, layout, tokens, ids, spec, model))
         del model
 
     # round trip: -> HF -> Megatron at TP=1, compare every tensor
