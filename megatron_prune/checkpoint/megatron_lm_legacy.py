@@ -8,9 +8,9 @@ puts them back together from the args:
 
 * layers are numbered within their chunk: the chunk's offset in the model comes from the
   pipeline and virtual-pipeline ranks (Megatron-LM's uniform split);
-* tensor-parallel shards are concatenated on the axis the module splits (column-parallel
-  weights and the vocabulary on rows, row-parallel weights on columns); a gated MLP's first
-  projection holds [gate_r; up_r] on rank r, so gates and ups are joined separately;
+* tensor-parallel shards are joined by ``sharding.join_shards`` (the inverse of the split the
+  model uses) on the axis the module splits: column-parallel weights and the vocabulary on
+  rows, row-parallel weights on columns;
 * the standard specs' fused-norm names (``linear_qkv.layer_norm_weight``) map to ours.
 
 The result is the whole-model, Megatron-named state that ``convert`` loads from GGUF and HF
@@ -20,13 +20,14 @@ sources too. Files are memory-mapped; each tensor is joined when it is asked for
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from megatron_prune.checkpoint.metadata import CheckpointError
+from megatron_prune.checkpoint.sharding import join_shards
 from megatron_prune.models.arch import ModelArch
 
 _RANK_DIR = re.compile(r"^mp_rank_(\d+)(?:_(\d+))?$")
@@ -68,12 +69,13 @@ def _load(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot read it as a torch checkpoint ({err})") from err
 
 
-def saved_args(directory: Path) -> Any:
-    """Megatron-LM's ``args`` of a legacy checkpoint (from its first rank's file)."""
+def saved_args(directory: Path, load: Callable[[Path], dict[str, Any]] = _load) -> Any:
+    """Megatron-LM's ``args`` of a legacy checkpoint (from its first rank's file, read with
+    ``load``: a caller that keeps the files open passes its own cache)."""
     files = rank_files(directory)
     if not files:
         raise CheckpointError(f"{directory}: no mp_rank_*/{_CHECKPOINT_FILE} files")
-    args = _load(files[min(files)]).get("args")
+    args = load(files[min(files)]).get("args")
     if args is None:
         raise CheckpointError(f"{files[min(files)]}: no Megatron-LM args, architecture unknown")
     return args
@@ -82,8 +84,10 @@ def saved_args(directory: Path) -> Any:
 class LegacyTensors(Mapping[str, torch.Tensor]):
     """Whole fp32 tensors of a legacy checkpoint by our global names, joined on demand."""
 
-    def __init__(self, directory: Path, arch: ModelArch, args: Any) -> None:
+    def __init__(self, directory: Path, arch: ModelArch) -> None:
         self.arch = arch
+        self._states: dict[Path, dict[str, Any]] = {}
+        args = saved_args(directory, self._state)
         tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
         pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
         vpp = int(getattr(args, "virtual_pipeline_model_parallel_size", None) or 1)
@@ -105,7 +109,6 @@ class LegacyTensors(Mapping[str, torch.Tensor]):
         self._tp = tp
         # name -> [(tp rank, file, key in the file's state dict)]
         self._where: dict[str, list[tuple[int, Path, tuple[str, str]]]] = {}
-        self._states: dict[Path, dict[str, Any]] = {}
         for (t, p), path in sorted(files.items()):
             state = self._state(path)
             for v in range(vpp):
@@ -143,14 +146,9 @@ class LegacyTensors(Mapping[str, torch.Tensor]):
         if len(tensors) != self._tp:
             raise CheckpointError(f"{name}: {len(tensors)} shards for TP={self._tp}")
         suffix = re.sub(r"^decoder\.layers\.\d+\.", "", name)
-        if suffix == "mlp.linear_fc1.weight":  # rank r holds [gate_r; up_r]
-            gates, ups = zip(*(t.chunk(2, dim=0) for t in tensors), strict=True)
-            return torch.cat([*gates, *ups], dim=0)
-        if suffix in _ROW_PARALLEL:
-            return torch.cat(tensors, dim=1)
-        if suffix in _COLUMN_PARALLEL:
-            return torch.cat(tensors, dim=0)
-        return tensors[0]  # replicated: norms, QK-norms
+        # no modules here to ask (models/partition.py): the TP axis by name; norms replicated
+        dim = 1 if suffix in _ROW_PARALLEL else 0 if suffix in _COLUMN_PARALLEL else None
+        return join_shards(tensors, dim, name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

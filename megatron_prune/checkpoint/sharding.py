@@ -36,16 +36,31 @@ def global_name(chunk: torch.nn.Module, local_name: str) -> str:
     return f"decoder.layers.{layer.layer_number - 1}." + local_name[m.end() :]
 
 
+def _is_gated_fc1(name: str) -> bool:
+    """Every family here has a gated MLP: rank r's fc1 holds [gate_r; up_r], not a slice."""
+    return name.endswith("mlp.linear_fc1.weight")
+
+
 def shard(full: torch.Tensor, dim: int | None, name: str, tp_rank: int, tp: int) -> torch.Tensor:
     """This rank's part of ``full``, split on axis ``dim`` (None: replicated)."""
     if dim is None or tp == 1:
         return full
-    if name.endswith("mlp.linear_fc1.weight"):  # every family here has a gated MLP
+    if _is_gated_fc1(name):
         gate, up = full.chunk(2, dim=dim)
         return torch.cat(
             [gate.chunk(tp, dim=dim)[tp_rank], up.chunk(tp, dim=dim)[tp_rank]], dim=dim
         )
     return full.chunk(tp, dim=dim)[tp_rank]
+
+
+def join_shards(shards: list[torch.Tensor], dim: int | None, name: str) -> torch.Tensor:
+    """The whole tensor of every TP rank's ``shard`` (rank order), the inverse of :func:`shard`."""
+    if dim is None or len(shards) == 1:
+        return shards[0]
+    if _is_gated_fc1(name):
+        gates, ups = zip(*(t.chunk(2, dim=dim) for t in shards), strict=True)
+        return torch.cat([*gates, *ups], dim=dim)
+    return torch.cat(shards, dim=dim)
 
 
 def parameters_with_split(chunk: torch.nn.Module):

@@ -36,8 +36,7 @@ class Source:
         that does not match its family fails here, before any tensor is read."""
         if self.kind == "megatron-lm-legacy":
             directory = megatron_lm_format.tensor_directory(self.path)
-            args = megatron_lm_legacy.saved_args(directory)
-            return megatron_lm_legacy.LegacyTensors(directory, self.arch, args)
+            return megatron_lm_legacy.LegacyTensors(directory, self.arch)
         if self.kind == "gguf":
             tensors = gguf_io.lazy_gguf_tensors(self.path)
         elif self.kind == "hf":
