@@ -22,7 +22,7 @@ models (prefill, decode, training step; one record each).
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -489,7 +489,7 @@ def distill(student: str | Path, data: list[str], out: str | Path, *,
     from megatron_prune.data.tokenizer import load_tokenizer
     from megatron_prune.data.training import parse_blend
     from megatron_prune.distill.loss import DistillLossConfig
-    from megatron_prune.distill.trainer import options_dict, setup_run, train
+    from megatron_prune.distill.trainer import options_dict, resolve_precision, setup_run, train
     from megatron_prune.distributed import initialize, model_device
     from megatron_prune.log import is_rank0, log
 
@@ -500,8 +500,7 @@ def distill(student: str | Path, data: list[str], out: str | Path, *,
                   eval_data=eval_data, layout=layout, resume=resume,
                   overwrite=overwrite)  # fmt: skip
     place = model_device(accel)
-    options = replace(options, precision=ComputeOptions(precision=options.precision)
-                      .resolved_precision(place))  # fmt: skip
+    options = resolve_precision(options, place)
     out = Path(out)
     if overwrite and out.exists() and is_rank0():
         shutil.rmtree(out)

@@ -180,6 +180,13 @@ def _optimizer(ddp: list, options: TrainOptions):
     return optimizer, scheduler
 
 
+def resolve_precision(options: TrainOptions, device: torch.device | None) -> TrainOptions:
+    """``options`` with precision ``auto`` made concrete for a student on ``device``: bf16 on
+    an accelerator, fp32 on the CPU (a no-op once resolved)."""
+    precision = ComputeOptions(precision=options.precision).resolved_precision(device)
+    return replace(options, precision=precision)
+
+
 def prepare_training(
     student_chunks: list[torch.nn.Module],
     teacher_chunks: list[torch.nn.Module] | None,
@@ -187,10 +194,7 @@ def prepare_training(
 ) -> tuple[list, list[torch.nn.Module], object, OptimizerParamScheduler]:
     """Wrap built models for training: (student DDP chunks, what the schedule runs, optimizer,
     LR scheduler). Without a teacher the schedule runs the student alone (LM loss)."""
-    if options.precision == "auto":  # bf16 on an accelerator, fp32 on the CPU
-        place = next(student_chunks[0].parameters()).device
-        precision = ComputeOptions(precision="auto").resolved_precision(place)
-        options = replace(options, precision=precision)
+    options = resolve_precision(options, next(student_chunks[0].parameters()).device)
     for chunk in student_chunks:
         chunk.train()
     student_chunks[0].config.calculate_per_token_loss = True  # one config object per model
