@@ -16,7 +16,7 @@ import contextlib
 import functools
 import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -163,9 +163,7 @@ def apply_cpu_shim() -> None:
     _patch(tp_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
     _patch(tp_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
 
-    cpu_torch = _CpuTorch()
-    for name in _MODULES_WITH_CUDA_LITERALS:
-        _patch(importlib.import_module(name), "torch", cpu_torch)
+    redirect_cuda_literals(_MODULES_WITH_CUDA_LITERALS)
 
     if os.environ.get("MEGATRON_PRUNE_KEEP_THREADS") != "1":
         # One process per core: more threads than cores per node oversubscribes badly.
@@ -176,6 +174,17 @@ def apply_cpu_shim() -> None:
 
     _patch(dynamo.config, "disable", True)
     _SHIM_APPLIED = True
+
+
+def redirect_cuda_literals(module_names: Iterable[str]) -> None:
+    """Inside each named module, calls given ``device="cuda"`` (or a bare index) get the CPU.
+
+    Part of :func:`apply_cpu_shim` for megatron-core's modules; also for code outside this
+    project that has such literals on its CPU path (tools/megatron_lm_cpu.py runs Megatron-LM's
+    own training loop this way). Undone by :func:`remove_cpu_shim`."""
+    cpu_torch = _CpuTorch()
+    for name in module_names:
+        _patch(importlib.import_module(name), "torch", cpu_torch)
 
 
 def remove_cpu_shim() -> None:

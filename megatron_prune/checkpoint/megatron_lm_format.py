@@ -203,7 +203,7 @@ def arch_from_args(args: Any, vocab_size: int | None = None) -> ModelArch:
     qk_norm = bool(getattr(args, "qk_layernorm", False))
     qkv_bias = bool(getattr(args, "add_qkv_bias", False))
     family = "qwen3" if qk_norm else "qwen2" if qkv_bias else "llama"
-    true_vocab = vocab_size or getattr(args, "vocab_size", None) or padded
+    true_vocab = vocab_size or _args_vocab(args) or padded
     return ModelArch.from_dict({
         "family": family,
         "num_layers": args.num_layers,
@@ -222,6 +222,16 @@ def arch_from_args(args: Any, vocab_size: int | None = None) -> ModelArch:
         "qk_norm": qk_norm,
         "max_position_embeddings": getattr(args, "max_position_embeddings", 4096),
     })  # fmt: skip
+
+
+def _args_vocab(args: Any) -> int | None:
+    """The tokenizer's vocabulary as the args give it. ``--vocab-size`` is the tokenizer's size,
+    except for NullTokenizer, which adds its end-of-document token after the last id
+    (megatron/training/tokenizer/tokenizer.py, ``_NullTokenizer.vocab_size``)."""
+    size = getattr(args, "vocab_size", None)
+    if size is not None and getattr(args, "tokenizer_type", None) == "NullTokenizer":
+        return int(size) + 1
+    return size
 
 
 def _pad_multiple(vocab: int, padded: int) -> int:

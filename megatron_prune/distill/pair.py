@@ -63,6 +63,17 @@ class DistillationChunk(torch.nn.Module):
     def shared_embedding_or_output_weight(self) -> torch.Tensor:
         return unwrap_model(self.student).shared_embedding_or_output_weight()
 
+    def __getattr__(self, name: str):
+        """Whatever else the training loop reads off a model chunk (Megatron-LM's ``train()``
+        asks for ``pg_collection``, say) is the student's: the pair stands in for it."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            student = self._modules.get("student")
+            if student is None or name.startswith("_"):
+                raise
+            return getattr(unwrap_model(student), name)
+
     def sharded_state_dict(self, *args, **kwargs) -> dict:
         return unwrap_model(self.student).sharded_state_dict(*args, **kwargs)
 
