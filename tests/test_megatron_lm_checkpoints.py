@@ -22,7 +22,8 @@ def report(tmp_path_factory, austen_calibration_text):
     tmp = tmp_path_factory.mktemp("megatron_lm")
     folder = save_hf_model(make_hf_model("llama", seed=2), tmp / "hf")
     save_word_tokenizer(folder, austen_calibration_text.read_text()[:50_000])
-    spec = {"hf": str(folder), "workdir": str(tmp), "out": str(tmp / "report.json")}
+    spec = {"hf": str(folder), "workdir": str(tmp), "out": str(tmp / "report.json"),
+            "text": str(austen_calibration_text)}
     (tmp / "spec.json").write_text(json.dumps(spec))
     torchrun("megatron_core_interop.py", 2, str(tmp / "spec.json"))
     return {**json.loads((tmp / "report.json").read_text()), "workdir": str(tmp)}
@@ -58,14 +59,23 @@ def test_megatron_lm_legacy_torch_format_converts(report, saved):
     assert report[saved]["arch_equal"]
 
 
-def test_other_commands_refuse_a_legacy_checkpoint_with_the_way_out(report, tmp_path):
+def test_every_command_reads_a_legacy_checkpoint_as_its_conversion(report):
+    """No `convert` first: the legacy TP=2 checkpoint loads at TP=1 and TP=2, and its perplexity
+    and its score + prune output equal those of its converted copy."""
+    assert report["legacy_direct_tp1"] <= 1e-6 and report["legacy_direct_tp2"] <= 1e-6
+    legacy_ppl, converted_ppl = report["legacy_ppl"]
+    assert abs(legacy_ppl - converted_ppl) <= 1e-6 * converted_ppl
+    assert report["legacy_pruned"] <= 1e-6
+
+
+def test_eval_reads_a_legacy_checkpoint_from_the_command_line(report, tmp_path):
     from pathlib import Path
 
-    from tests.helpers import cli
+    from tests.helpers import cli, last_json
 
-    legacy = Path(report["workdir"]) / "megatron_lm_torch_tp1"
-    (tmp_path / "text.txt").write_text("some text to score " * 20)
-    result = cli("eval", "ppl", str(legacy), "--data", str(tmp_path / "text.txt"))
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "only `convert` reads" in lines[0], result.stderr
+    legacy = Path(report["workdir"]) / "megatron_lm_torch_tp2"
+    text = tmp_path / "text.txt"
+    text.write_text("some text to score " * 20)
+    result = cli("eval", "ppl", str(legacy), "--data", str(text), "--seq-len", "16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert last_json(result.stdout)["ppl"] > 1

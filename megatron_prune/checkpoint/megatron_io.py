@@ -85,7 +85,17 @@ def _forked_results_queue() -> None:
 
 
 def load_chunks(chunks: list[torch.nn.Module], directory: Path) -> None:
-    """Collective: fill this rank's chunks from a dist checkpoint written at any layout."""
+    """Collective: fill this rank's chunks from a dist checkpoint written at any layout, or from
+    a legacy Megatron-LM checkpoint (its shards joined from the rank files)."""
+    from megatron_prune.checkpoint import megatron_lm_legacy
+
+    if megatron_lm_legacy.is_legacy_checkpoint(directory):
+        from megatron_prune.checkpoint.megatron_lm_format import read_meta, tensor_directory
+        from megatron_prune.checkpoint.sharding import load_full_state
+
+        arch = read_meta(directory).arch
+        load_full_state(chunks, megatron_lm_legacy.LegacyTensors(tensor_directory(directory), arch))
+        return
     state = load_sharded(sharded_model_state(chunks), Path(directory))
     apply_model_state(chunks, state, Path(directory))
 

@@ -58,7 +58,7 @@ def dist_checkpoint_directory(path: str | Path) -> Path:
     if directory.is_dir() and any(directory.glob("mp_rank_*")):
         raise CheckpointError(
             f"{directory} is a legacy Megatron-LM checkpoint (mp_rank_*/model_optim_rng.pt), "
-            "which only `convert` reads: run `megatron-prune convert "
+            "and this step reads dist checkpoints only: run `megatron-prune convert "
             f"{Path(path)} NEW_CHECKPOINT` and use NEW_CHECKPOINT"
         )
     if not (directory / "metadata.json").is_file():

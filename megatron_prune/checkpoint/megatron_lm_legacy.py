@@ -14,7 +14,9 @@ puts them back together from the args:
 * the standard specs' fused-norm names (``linear_qkv.layer_norm_weight``) map to ours.
 
 The result is the whole-model, Megatron-named state that ``convert`` loads from GGUF and HF
-sources too. Files are memory-mapped; each tensor is joined when it is asked for.
+sources too, and every other command loads a legacy checkpoint through it (``load_chunks``,
+``LegacyReader`` for ``prune``): each rank reads the tensors it needs whole and takes its shard,
+as from a Hugging Face source. Files are memory-mapped; each tensor is joined when asked for.
 """
 
 from __future__ import annotations
@@ -137,21 +139,84 @@ class LegacyTensors(Mapping[str, torch.Tensor]):
         rest = _NORM_NAMES.get(match.group(2), match.group(2))
         return f"decoder.layers.{int(match.group(1)) + offset}.{rest}"
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def _shards(self, name: str) -> list[torch.Tensor]:
         shards = sorted(self._where[name], key=lambda item: item[0])
         tensors = [self._state(path)[model_key][key] for _, path, (model_key, key) in shards]
-        tensors = [t.float() for t in tensors]
-        if len(tensors) == 1 or self._tp == 1:
-            return tensors[0]
-        if len(tensors) != self._tp:
+        if len(tensors) > 1 and len(tensors) != self._tp:
             raise CheckpointError(f"{name}: {len(tensors)} shards for TP={self._tp}")
+        return tensors
+
+    @staticmethod
+    def _split_dim(name: str) -> int | None:
         suffix = re.sub(r"^decoder\.layers\.\d+\.", "", name)
         # no modules here to ask (models/partition.py): the TP axis by name; norms replicated
-        dim = 1 if suffix in _ROW_PARALLEL else 0 if suffix in _COLUMN_PARALLEL else None
-        return join_shards(tensors, dim, name)
+        return 1 if suffix in _ROW_PARALLEL else 0 if suffix in _COLUMN_PARALLEL else None
+
+    def shape(self, name: str) -> torch.Size:
+        """The whole tensor's shape, from its shards' (nothing is joined)."""
+        tensors = self._shards(name)
+        dim = self._split_dim(name)
+        if len(tensors) == 1 or dim is None:
+            return tensors[0].shape
+        shape = list(tensors[0].shape)
+        shape[dim] *= len(tensors)
+        return torch.Size(shape)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensors = [t.float() for t in self._shards(name)]
+        if len(tensors) == 1 or self._tp == 1:
+            return tensors[0]
+        return join_shards(tensors, self._split_dim(name), name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
     def __len__(self) -> int:
         return len(self._where)
+
+
+class LegacyReader:
+    """The interface of ``partial.CheckpointReader`` (whole tensors or blocks of their rows, by
+    whole-model name) over a legacy checkpoint, so ``prune`` reads either format. A tensor is
+    joined from its rank files when it is read; the files themselves are memory-mapped."""
+
+    def __init__(self, path: str | Path) -> None:
+        from megatron_prune.checkpoint.megatron_lm_format import read_meta, tensor_directory
+        from megatron_prune.checkpoint.partial import StoredTensor
+
+        self.directory = tensor_directory(path)
+        self._tensors = LegacyTensors(self.directory, read_meta(path).arch)
+        self.index = {name: StoredTensor(name, None, self._tensors.shape(name), torch.float32)
+                      for name in self._tensors}  # fmt: skip
+
+    def names(self) -> list[str]:
+        return list(self.index)
+
+    def layer_names(self, layer: int) -> list[str]:
+        prefix = f"decoder.layers.{layer}."
+        return [n for n in self.index if n.startswith(prefix)]
+
+    def read(
+        self, names: list[str], rows: dict[str, tuple[int, int]] | None = None
+    ) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in names:
+            if name not in self.index:
+                raise CheckpointError(f"{self.directory}: no tensor {name!r} in the checkpoint")
+            tensor = self._tensors[name]
+            if rows and name in rows:
+                start, stop = rows[name]
+                tensor = tensor[start:stop].clone()
+            out[name] = tensor
+        return out
+
+    def read_layer(self, layer: int) -> dict[str, torch.Tensor]:
+        prefix = f"decoder.layers.{layer}."
+        return {n[len(prefix) :]: t for n, t in self.read(self.layer_names(layer)).items()}
+
+
+def is_legacy_checkpoint(path: str | Path) -> bool:
+    """True for a Megatron-LM ``--save`` folder in the legacy per-rank format."""
+    from megatron_prune.checkpoint.megatron_lm_format import is_megatron_lm_layout, tensor_directory
+
+    return is_megatron_lm_layout(path) and is_legacy(tensor_directory(path))

@@ -45,13 +45,11 @@ class CheckpointMeta:
             raise CheckpointError(f"{directory} is not a directory")
         if not path.is_file():
             from megatron_prune.checkpoint.megatron_lm_format import (
-                dist_checkpoint_directory,
                 is_megatron_lm_layout,
                 read_meta,
             )
 
-            if is_megatron_lm_layout(directory):
-                dist_checkpoint_directory(directory)  # refuses the legacy format: convert it
+            if is_megatron_lm_layout(directory):  # Megatron-LM's --save: torch_dist or legacy
                 return read_meta(directory)
             raise CheckpointError(
                 f"{directory} has no {METADATA_FILE}: not a checkpoint written by megatron-prune "

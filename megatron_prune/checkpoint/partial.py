@@ -85,6 +85,16 @@ def _tag(item, rid: str):
     return replace(item, dest_index=dest)
 
 
+def open_reader(directory: str | Path):
+    """A reader of whole tensors for a dist checkpoint (``CheckpointReader``) or for Megatron-LM's
+    legacy per-rank format (``LegacyReader``, same interface)."""
+    from megatron_prune.checkpoint import megatron_lm_legacy
+
+    if megatron_lm_legacy.is_legacy_checkpoint(directory):
+        return megatron_lm_legacy.LegacyReader(directory)
+    return CheckpointReader(directory)
+
+
 class CheckpointReader:
     """Whole tensors, or blocks of their rows, from a dist checkpoint written by this tool or by
     megatron-core, read on demand."""

@@ -9,7 +9,7 @@ import torch
 
 from megatron_prune.checkpoint.atomic import atomic_directory, is_writer
 from megatron_prune.checkpoint.metadata import CheckpointMeta, provenance
-from megatron_prune.checkpoint.partial import CheckpointReader
+from megatron_prune.checkpoint.partial import open_reader
 from megatron_prune.checkpoint.sources import Source, write_description
 from megatron_prune.distributed import ParallelLayout, initialize
 from megatron_prune.log import log
@@ -18,7 +18,7 @@ from megatron_prune.log import log
 def whole_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """Every whole tensor of a Megatron dist checkpoint, by whole-model name, read by this
     process alone: no model is built and Megatron's parallel state is left as it is."""
-    reader = CheckpointReader(checkpoint)
+    reader = open_reader(checkpoint)
     return reader.read(reader.names())
 
 

@@ -20,8 +20,9 @@ import torch
 
 from megatron_prune.checkpoint.atomic import atomic_directory
 from megatron_prune.checkpoint.megatron_io import save_model_checkpoint
+from megatron_prune.checkpoint.megatron_lm_legacy import LegacyReader
 from megatron_prune.checkpoint.metadata import CheckpointMeta, provenance
-from megatron_prune.checkpoint.partial import CheckpointReader
+from megatron_prune.checkpoint.partial import CheckpointReader, open_reader
 from megatron_prune.checkpoint.sharding import fill_parameters, parameter_names, tp_rows
 from megatron_prune.checkpoint.sources import open_source, write_description
 from megatron_prune.log import log
@@ -52,7 +53,7 @@ def _local_layers(chunks: list[torch.nn.Module]) -> list[tuple[int, int]]:
 
 
 def prune_shards(
-    reader: CheckpointReader, plan: SurgeryPlan, chunks: list[torch.nn.Module]
+    reader: CheckpointReader | LegacyReader, plan: SurgeryPlan, chunks: list[torch.nn.Module]
 ) -> None:
     """Fill this rank's chunks of the pruned model, layer by layer, from the source checkpoint."""
     local = _local_layers(chunks)
@@ -87,7 +88,7 @@ def write_pruned(
 ) -> None:
     """Collective over every rank of the output layout: prune on the shards and save ``out``."""
     chunks = build_model(plan.arch, initialize=False, params_dtype=params_dtype)
-    prune_shards(CheckpointReader(checkpoint), plan, chunks)
+    prune_shards(open_reader(checkpoint), plan, chunks)
     with atomic_directory(out, overwrite) as scratch:
         save_model_checkpoint(chunks, scratch, plan.arch, layout_record)
         if torch.distributed.get_rank() == 0:

@@ -114,10 +114,12 @@ def legacy_checkpoint_logit_diff(ours: Path, legacy: Path, tokens: torch.Tensor)
     return float((loaded - reference).abs().max())
 
 
-def write_legacy(folder: Path, state: dict, arch, tp: int, pp: int = 1) -> None:
+def write_legacy(folder: Path, state: dict, arch, tp: int, pp: int = 1,
+                 tokenizer: str | None = None) -> None:  # fmt: skip
     """Save this TP rank's ``state`` as Megatron-LM's --ckpt-format torch does: the tracker
     file and iter_0000010/mp_rank_TT[_PPP]/model_optim_rng.pt with args, iteration and model.
-    With ``pp`` > 1 the (TP=1) state is split into stages with layers numbered per stage."""
+    With ``pp`` > 1 the (TP=1) state is split into stages with layers numbered per stage.
+    ``tokenizer`` goes in the args as ``--tokenizer-model`` (a Hugging Face folder)."""
     import re
 
     from megatron.core import parallel_state
@@ -126,6 +128,8 @@ def write_legacy(folder: Path, state: dict, arch, tp: int, pp: int = 1) -> None:
 
     args = common_state(arch, {"tp": tp, "pp": pp})["args"]
     args.ckpt_format = "torch"
+    if tokenizer is not None:
+        args.tokenizer_type, args.tokenizer_model = "HuggingFaceTokenizer", tokenizer
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     if parallel_state.get_data_parallel_rank() == 0:
         per_stage = arch.num_layers // pp
@@ -163,6 +167,37 @@ def convert_and_compare(source: Path, dst: Path, expected, tokens, tokenizer, ar
     _, converted = logits_at(dst, {"tp": 1}, tokens)
     return {"max_diff": float((converted - expected).abs().max()),
             "arch_equal": CheckpointMeta.read(dst).arch == arch}  # fmt: skip
+
+
+def legacy_everywhere(work: Path, tokens: torch.Tensor, text: str) -> dict:
+    """Every command reads the TP=2 legacy checkpoint itself (tokenizer from its args), as it
+    reads that checkpoint's conversion: loading at TP=1 and TP=2, perplexity, and score +
+    prune at TP=2 give the same numbers for both."""
+    from megatron_prune import api
+    from megatron_prune.distributed import ParallelLayout
+    from tests.workers.common import logits_at
+
+    legacy, converted = work / "megatron_lm_torch_tp2", work / "from_torch_tp2"
+    report = {}
+    for tp in (1, 2):
+        _, direct = logits_at(legacy, {"tp": tp}, tokens)
+        _, via = logits_at(converted, {"tp": tp}, tokens)
+        report[f"legacy_direct_tp{tp}"] = float((direct - via).abs().max())
+    layout = ParallelLayout(tp=2)
+    report["legacy_ppl"] = [
+        api.perplexity(path, text, seq_len=16, max_tokens=256, layout=layout).ppl
+        for path in (legacy, converted)
+    ]
+    target = {"hidden_size": 48, "ffn_hidden_size": 96}
+    for name, path in (("legacy", legacy), ("converted", converted)):
+        api.score(path, text, work / f"scores_{name}", samples=4, seq_len=16, layout=layout,
+                  overwrite=True)  # fmt: skip
+        api.prune(path, work / f"scores_{name}", target, work / f"pruned_{name}", layout=layout,
+                  overwrite=True)  # fmt: skip
+    _, direct = logits_at(work / "pruned_legacy", {"tp": 2}, tokens)
+    _, via = logits_at(work / "pruned_converted", {"tp": 2}, tokens)
+    report["legacy_pruned"] = float((direct - via).abs().max())
+    return report
 
 
 def main() -> None:
@@ -220,7 +255,8 @@ def main() -> None:
         report[f"back_arch_equal_tp{tp}"] = CheckpointMeta.read(back).arch == arch
         # the same model in Megatron-LM's legacy format (--ckpt-format torch), converted at TP=1
         legacy = work / f"megatron_lm_torch_tp{tp}"
-        write_legacy(legacy, model.state_dict_for_save_checkpoint(), arch, tp=tp)
+        write_legacy(legacy, model.state_dict_for_save_checkpoint(), arch, tp=tp,
+                     tokenizer=spec["hf"] if tp == 2 else None)  # fmt: skip
         report[f"legacy_tp{tp}"] = convert_and_compare(legacy, work / f"from_torch_tp{tp}",
                                                        got, tokens, spec["hf"], arch)  # fmt: skip
         if tp == 1:  # and split into two pipeline stages, as Megatron-LM numbers their layers
@@ -228,6 +264,7 @@ def main() -> None:
             write_legacy(legacy, model.state_dict_for_save_checkpoint(), arch, tp=1, pp=2)
             report["legacy_pp2"] = convert_and_compare(legacy, work / "from_torch_pp2", got,
                                                        tokens, spec["hf"], arch)  # fmt: skip
+    report.update(legacy_everywhere(work, tokens, spec["text"]))
     if torch.distributed.get_rank() == 0:
         Path(spec["out"]).write_text(json.dumps(report, indent=2))
     torch.distributed.destroy_process_group()
