@@ -58,8 +58,12 @@ CHECKOUT = os.environ.get("MEGATRON_LM")
 
 
 @pytest.mark.skipif(not CHECKOUT, reason="MEGATRON_LM (a Megatron-LM checkout) is not set")
-@pytest.mark.parametrize("layout", [["--tp", "1"], ["--tp", "2"], ["--pp", "2", "--vpp", "2"]],
-                         ids=["tp1", "tp2", "pp2_vpp2"])  # fmt: skip
+@pytest.mark.parametrize(
+    "layout",
+    [["--tp", "1"], ["--tp", "2"], ["--pp", "2", "--vpp", "2"], ["--pp", "4"],
+     ["--tp", "2", "--pp", "2"]],
+    ids=["tp1", "tp2", "pp2_vpp2", "pp4", "tp2_pp2"],
+)  # fmt: skip
 def test_documented_lines_in_the_real_pretrain_gpt(tmp_path, austen_calibration_text, layout):
     from tests.tiny_models import make_hf_model, save_hf_model, save_word_tokenizer
 
