@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -316,22 +317,32 @@ def test_bad_distill_inputs(models, tmp_path, capsys):
         assert message in capsys.readouterr().err, args
 
 
-def test_megatron_lm_trio_matches_the_distill_command(models, layout_runs):
+@pytest.mark.parametrize(
+    "layout",
+    [{"pp": 2, "vpp": 2}, pytest.param({"pp": 4}, marks=pytest.mark.slow)],  # 4 ranks: test-all
+    ids=["pp2_vpp2", "pp4"],
+)
+def test_megatron_lm_trio_matches_the_distill_command(models, layout_runs, layout):
     """The provider / forward_step / loss trio, driven as Megatron-LM's pretrain() drives it
-    (DDP around each pair, interleaved pipeline), computes the command's first step."""
+    (DDP around each pair, interleaved pipeline or four stages, chunks in the middle of the
+    pipeline without data), computes the command's first step."""
     from tests.helpers import torchrun
 
     tmp = models["tmp"]
+    name = "_".join(f"{k}{v}" for k, v in layout.items())
     spec = {"teacher": str(tmp / "teacher"), "student": str(tmp / "student"),
-            "data": str(tmp / "data" / "train"), "layout": {"pp": 2, "vpp": 2},
+            "data": str(tmp / "data" / "train"), "layout": layout,
             "loss": {"temperature": 2.0, "lm_weight": 0.25},
-            "out": str(tmp / "trio.json")}  # fmt: skip
-    (tmp / "trio_spec.json").write_text(json.dumps(spec))
-    torchrun("megatron_lm_trio.py", 2, str(tmp / "trio_spec.json"))
-    report, first = json.loads((tmp / "trio.json").read_text()), layout_runs["tp1"][0]
+            "out": str(tmp / f"trio_{name}.json")}  # fmt: skip
+    (tmp / f"trio_spec_{name}.json").write_text(json.dumps(spec))
+    ranks = layout["pp"]
+    torchrun("megatron_lm_trio.py", ranks, str(tmp / f"trio_spec_{name}.json"))
+    report, first = json.loads(Path(spec["out"]).read_text()), layout_runs["tp1"][0]
     assert not report["teacher_trainable"] and not report["checkpoint_holds_teacher"]
     assert not report["teacher_in_train_mode"]
-    assert report["middle_chunks"] == 1  # this rank's middle chunk ran with data_iterator=None
+    # the reporting (last) rank's middle chunk ran with data_iterator=None; at PP=4 ranks 1 and
+    # 2 are middle stages, and the step could not finish had they failed to run
+    assert report["middle_chunks"] == (1 if "vpp" in layout else 0)
     for key in ("loss", "grad_norm"):
         assert abs(report[key] - first[key]) <= 1e-5 * first[key], (key, report, first)
 

@@ -50,7 +50,7 @@ def main() -> None:
     iterators = [iter(batches) if (p.pre_process or p.post_process) else None for p in pairs]
     outputs = get_forward_backward_func()(
         forward_step_func=kd.forward_step,
-        data_iterator=iterators if len(model) > 1 else iter(batches),
+        data_iterator=iterators if len(model) > 1 else iterators[0],  # None in the middle
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(batches),
         seq_length=32,
