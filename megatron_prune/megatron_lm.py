@@ -89,6 +89,11 @@ def settings_from_args(args: argparse.Namespace) -> KDSettings:
     """The settings the --kd-* flags (and Megatron-LM's ``--sequence-parallel``) describe.
     Under Megatron-LM's own ``--bf16`` the teacher is held in bf16 too, as the student is
     (Megatron-LM's Float16Module casts the student; the pair keeps the teacher's dtype)."""
+    if getattr(args, "export_kd_teacher_load", None):
+        raise UserError(
+            "--kd-teacher and ModelOpt's --export-kd-teacher-load both distil: megatron-prune's "
+            "trio replaces ModelOpt's distillation, so drop --export-kd-teacher-load"
+        )
     loss = DistillLossConfig(temperature=args.kd_temperature, reverse=args.kd_reverse,
                              top_k=args.kd_top_k, lm_weight=args.kd_lm_weight)  # fmt: skip
     teacher_bf16 = bool(args.kd_teacher_bf16 or getattr(args, "bf16", False))

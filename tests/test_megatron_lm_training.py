@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from argparse import Namespace
+from argparse import ArgumentParser, Namespace
 from pathlib import Path
 
 import pytest
@@ -81,3 +81,17 @@ def test_documented_lines_in_the_real_pretrain_gpt(tmp_path, austen_calibration_
     assert report["logits_gap_loaded_student"] <= 1e-4
     assert report["logits_gap_saved_converted"] <= 1e-4
     assert report["kl_keep_all_first"] < 1e-3 < report["kl_random_first"]
+
+
+def test_modelopt_distillation_flag_is_refused_beside_ours():
+    """pretrain_gpt.py keeps ModelOpt's flags (``also=add_modelopt_args``); asking ModelOpt to
+    distil too (--export-kd-teacher-load) would build a second teacher: one clear error."""
+    from megatron_prune import megatron_lm as kd
+    from megatron_prune.errors import UserError
+
+    parser = kd.add_distillation_args(ArgumentParser())
+    args = parser.parse_args(["--kd-teacher", "T", "--kd-temperature", "2"])
+    assert kd.settings_from_args(args).loss.temperature == 2.0
+    args.export_kd_teacher_load = "MODELOPT_TEACHER"
+    with pytest.raises(UserError, match="--export-kd-teacher-load"):
+        kd.settings_from_args(args)
