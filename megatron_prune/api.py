@@ -29,12 +29,18 @@ from typing import Any
 import torch
 
 from megatron_prune.checkpoint.atomic import check_output
+from megatron_prune.checkpoint.size import checkpoint_bytes, training_run_bytes
 from megatron_prune.compute import ComputeOptions
 from megatron_prune.distributed import ParallelLayout
 from megatron_prune.errors import DataError, UserError
 from megatron_prune.inputs import check_utf8
 from megatron_prune.inputs import read_text as _read_text
-from megatron_prune.paths import check_not_input, check_unlocked, check_writable
+from megatron_prune.paths import (
+    check_free_space,
+    check_not_input,
+    check_unlocked,
+    check_writable,
+)
 
 __all__ = [
     "bench",
@@ -107,6 +113,7 @@ def check_convert(src: str, dst: str | Path, *, to: str = "megatron",
     if to == "hf" and layout.model_parallel_size != 1:
         raise UserError("--to hf writes whole tensors: leave --tp/--pp at 1")
     source.arch.check_layout(layout.tp, layout.pp, layout.vpp)
+    check_free_space(dst, checkpoint_bytes(source.arch), "the converted checkpoint")
     return source
 
 
@@ -355,6 +362,8 @@ def check_prune(checkpoint: str | Path, scores: str | Path, target: str | Path |
     parsed = load_target(target, meta.arch, layout.tp, layout.pp)
     table = load_scores(scores, meta.arch)
     check_scores(table, meta.arch, parsed, options)
+    # the pruned model is smaller: the source's size bounds it (its exact shape needs scores)
+    check_free_space(out, checkpoint_bytes(meta.arch, meta.dtype), "the pruned checkpoint")
     return meta, parsed, table
 
 
@@ -464,6 +473,10 @@ def check_distill(student: str | Path, data: list[str], out: str | Path, *,
     check_unlocked(out)
     if out.exists() and not (resume or overwrite):
         raise OutputExistsError(out)
+    if not resume:  # "auto" is fp32 or bf16 by device, unknown here: the larger estimate
+        precisions = ("fp32", "bf16") if options.precision == "auto" else (options.precision,)
+        need = max(training_run_bytes(meta.arch, p, options.keep_checkpoints) for p in precisions)
+        check_free_space(out, need, "the distillation run (student and training checkpoints)")
     looks_like_run = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
     if overwrite and out.is_dir() and any(out.iterdir()) and not looks_like_run:
         raise UserError(

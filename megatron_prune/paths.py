@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -68,15 +69,42 @@ def check_not_input(out: str | Path, out_flag: str, inputs: Inputs) -> None:
 def check_writable(out: str | Path) -> None:
     """The output can be created: its nearest existing ancestor is a writable folder."""
     out = resolved(out)
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = _existing_ancestor(out)
     if not parent.is_dir():
         raise OutputError(f"cannot write {out}: {parent} is a file, not a folder; "
                           "choose an output path under a folder")  # fmt: skip
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {out}: folder {parent} is read-only for this user; "
                           "choose an output path you can write")  # fmt: skip
+
+
+def _existing_ancestor(out: Path) -> Path:
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def check_free_space(out: str | Path, need: int, what: str) -> None:
+    """Refuse before any work when the file system ``out`` goes on has less free space than
+    ``need`` bytes (an estimate of ``what``), instead of failing halfway through the write.
+    An output being replaced stays on disk until the new one is complete, so its bytes do not
+    count as free."""
+    folder = _existing_ancestor(resolved(out))
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise OutputError(
+            f"not enough free space for {out}: {what} needs about {_size(need)}, and {folder} "
+            f"has {_size(free)} free; free some space or choose an output on another disk"
+        )
 
 
 # ---------------------------------------------------------------------------- output locks

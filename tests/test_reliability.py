@@ -2,12 +2,14 @@
 
 Refusals run the command line in this process (``cli.main``: validation happens before any rank
 is spawned) and check the exit code 2, one line on stderr, the sources' bytes and that nothing
-was left behind. Faults (a signal to a running TP=2 job, NaN weights found while converting)
+was left behind. Faults (a signal to a running TP=1, TP=2 or TP=3 job, NaN weights found while
+converting)
 run the command as a subprocess, as a user or a scheduler would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -44,29 +46,9 @@ def _digest(path: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """A tiny HF model with a word tokenizer, its TP=1 checkpoint, scores and a target."""
-    from safetensors.torch import save_file
-
-    from megatron_prune.checkpoint.metadata import CheckpointMeta
-    from megatron_prune.importance.scoring import FORMAT_VERSION, META_FILE, SCORES_FILE
-
-    tmp = tmp_path_factory.mktemp("reliability")
-    text = tmp / "calib.txt"
-    text.write_text(_text(400))
-    hf = save_hf_model(make_hf_model("qwen2", seed=5), tmp / "hf")
-    save_word_tokenizer(hf, text.read_text())
-    r = cli_subprocess("convert", str(hf), str(tmp / "ckpt"))
-    assert r.returncode == 0, r.stderr
-    arch = CheckpointMeta.read(tmp / "ckpt").arch
-    scores = tmp / "scores"
-    scores.mkdir()
-    (scores / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION,
-                                                "arch": arch.to_dict()}))  # fmt: skip
-    table = random_scores(arch)
-    save_file({k: v.contiguous() for k, v in table.items()}, str(scores / SCORES_FILE))
-    target = tmp / "target.yaml"
-    target.write_text("ffn_hidden_size: 64\n")
-    return tmp
+    """A tiny HF model (4 heads / 2 groups) with a word tokenizer, its TP=1 checkpoint, scores
+    and a target."""
+    return _make_env(tmp_path_factory.mktemp("reliability"), _text(400))
 
 
 @pytest.fixture(autouse=True)
@@ -201,6 +183,50 @@ def test_output_in_read_only_folder(env, capsys, tmp_path):
         _refused(capsys, ["convert", str(env / "hf"), str(folder / "o")], "is read-only")
     finally:
         folder.chmod(0o755)
+
+
+def test_checkpoint_size_estimate_matches_what_is_written(env):
+    """The free-space check's estimate of a checkpoint is what convert writes (within 25%)."""
+    from megatron_prune.checkpoint.metadata import CheckpointMeta
+    from megatron_prune.checkpoint.size import checkpoint_bytes
+
+    written = sum(p.stat().st_size for p in (env / "ckpt").rglob("*") if p.is_file())
+    estimate = checkpoint_bytes(CheckpointMeta.read(env / "ckpt").arch)
+    assert 0.75 * written <= estimate <= 1.25 * written, (estimate, written)
+
+
+@contextlib.contextmanager
+def _small_disk(folder: Path, size: str):
+    """A real file system of ``size`` at ``folder`` (tmpfs; needs the right to mount)."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip()})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mounts a tmpfs")
+def test_too_little_free_space(env, capsys, tmp_path):
+    """A 64 KB disk: convert, prune and distill are refused before any work, naming the space
+    needed and free; nothing is left on the small disk."""
+    ck = env / "ckpt"
+    assert cli.main(["data", "build", "--tokenizer", str(ck), "--input", str(env / "calib.txt"),
+                     "--output", str(tmp_path / "ds")]) == 0  # fmt: skip
+    capsys.readouterr()
+    with _small_disk(tmp_path / "small", "64k") as disk:
+        _refused(capsys, ["convert", str(env / "hf"), str(disk / "o")],
+                 "not enough free space for", "the converted checkpoint needs about")  # fmt: skip
+        _refused(capsys, ["prune", str(ck), "--scores", str(env / "scores"), "--target",
+                          str(env / "target.yaml"), "--out", str(disk / "p")],
+                 "the pruned checkpoint needs about")  # fmt: skip
+        _refused(capsys, ["distill", "--student", str(ck), "--data", str(tmp_path / "ds"),
+                          "--train-tokens", "16", "--lm-weight", "1", "--out", str(disk / "d")],
+                 "the distillation run (student and training checkpoints) needs")  # fmt: skip
+        assert list(disk.iterdir()) == []
 
 
 def test_output_another_run_is_writing(env, capsys, tmp_path):
@@ -374,43 +400,79 @@ def test_stopped_job_stops(env, tmp_path):
 FAULT_SEED = 15  # the points and signals below are drawn from this seed: reruns repeat them
 
 
+def _make_env(tmp: Path, text: str, **model_sizes) -> Path:
+    """A tiny qwen2 HF model with a word tokenizer, its TP=1 checkpoint, random scores and a
+    target: what the refusal and fault tests run on."""
+    from safetensors.torch import save_file
+
+    from megatron_prune.checkpoint.metadata import CheckpointMeta
+    from megatron_prune.importance.scoring import FORMAT_VERSION, META_FILE, SCORES_FILE
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "calib.txt").write_text(text)
+    hf = save_hf_model(make_hf_model("qwen2", seed=5, **model_sizes), tmp / "hf")
+    save_word_tokenizer(hf, text)
+    r = cli_subprocess("convert", str(hf), str(tmp / "ckpt"))
+    assert r.returncode == 0, r.stderr
+    arch = CheckpointMeta.read(tmp / "ckpt").arch
+    scores = tmp / "scores"
+    scores.mkdir()
+    (scores / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION,
+                                                "arch": arch.to_dict()}))  # fmt: skip
+    table = random_scores(arch)
+    save_file({k: v.contiguous() for k, v in table.items()}, str(scores / SCORES_FILE))
+    (tmp / "target.yaml").write_text(f"ffn_hidden_size: {arch.ffn_hidden_size // 2}\n")
+    return tmp
+
+
+# 6 heads / 3 query groups, FFN and the padded vocabulary divisible by 3: TP=3 splits it
+TP3_SIZES = dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=96,
+                 intermediate_size=192, vocab_size=384)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def faults(env):
-    """A dataset for distill and the uninterrupted TP=1 result of each command."""
-    tmp = env / "faults"
-    r = cli_subprocess("data", "build", "--tokenizer", str(env / "ckpt"), "--input",
-                       str(env / "calib.txt"), "--output", str(tmp / "data" / "train"))  # fmt: skip
+    """A TP=3-splittable model (its sources), a dataset for distill and the uninterrupted TP=1
+    result of each command."""
+    tmp = _make_env(env / "faults", (env / "calib.txt").read_text(), **TP3_SIZES)
+    r = cli_subprocess("data", "build", "--tokenizer", str(tmp / "ckpt"), "--input",
+                       str(tmp / "calib.txt"), "--output", str(tmp / "data" / "train"))  # fmt: skip
     assert r.returncode == 0, r.stderr
     for command in FAULT_ARGS:
-        r = cli_subprocess(*_fault_argv(env, command, tmp / f"{command}_ref"))
+        r = cli_subprocess(*_fault_argv(tmp, command, tmp / f"{command}_ref"))
         assert r.returncode == 0, r.stderr
     return tmp
 
 
 FAULT_ARGS = {
+    "convert": [],
     "prune": ["--target", "{t}/target.yaml", "--scores", "{t}/scores"],
     "score": ["--data", "{t}/calib.txt", "--samples", "16", "--seq-len", "16",
               "--micro-batches", "2", "--save-every", "1"],  # fmt: skip
-    "distill": ["--teacher", "{t}/ckpt", "--data", "{t}/faults/data/train", "--train-tokens",
+    "distill": ["--teacher", "{t}/ckpt", "--data", "{t}/data/train", "--train-tokens",
                 "384", "--seq-len", "16", "--global-batch", "2", "--lm-weight", "0.5",
                 "--save-interval", "2"],  # fmt: skip
 }
 # Observable points of each run: its process started (importing), its first log line (model
 # loaded, work begun), OUT.partial (prune, score) or a metrics record (distill) on disk.
-FAULT_POINTS = {"prune": ("started", "working", "writing"),
+FAULT_POINTS = {"convert": ("started", "working", "writing"),
+                "prune": ("started", "working", "writing"),
                 "score": ("started", "working", "writing"),
                 "distill": ("started", "working", "training")}  # fmt: skip
 
 
 def _fault_argv(t: Path, command: str, out: Path, *extra: str) -> list[str]:
+    if command == "convert":  # the Hugging Face folder to a dist checkpoint
+        return ["convert", str(t / "hf"), str(out), *extra]
     first = ["distill", "--student"] if command == "distill" else [command]
     args = [a.format(t=t) for a in FAULT_ARGS[command]]
     return [*first, str(t / "ckpt"), *args, "--out", str(out), *extra]
 
 
 def _sources(t: Path) -> dict[str, str]:
-    return (_digest(t / "ckpt") | _digest(t / "scores") | _digest(t / "target.yaml")
-            | _digest(t / "calib.txt") | _digest(t / "faults" / "data"))  # fmt: skip
+    return (_digest(t / "hf") | _digest(t / "ckpt") | _digest(t / "scores")
+            | _digest(t / "target.yaml") | _digest(t / "calib.txt")
+            | _digest(t / "data"))  # fmt: skip
 
 
 def _reached(point: str, out: Path, stderr: Path) -> bool:
@@ -433,17 +495,17 @@ def _whole_tensors(checkpoint: Path) -> dict:
 
 def _same_result(command: str, ref: Path, got: Path, tp: int) -> None:
     """The rerun's output equals the uninterrupted TP=1 run's: bit for bit at TP=1 (and for
-    prune, whose surgery is exact at any TP), within float rounding of TP=2's reductions."""
+    convert and prune, exact at any TP), within float rounding of TP=3's reductions."""
     import torch
     from safetensors.torch import load_file
 
-    exact = tp == 1 or command == "prune"
+    exact = tp == 1 or command in ("convert", "prune")
 
     def close(a, b, what):
         ok = a.equal(b) if exact else torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-7)
         assert ok, (command, tp, what)
 
-    if command == "prune":
+    if command in ("convert", "prune"):
         one, two = _whole_tensors(ref), _whole_tensors(got)
     elif command == "score":
         one, two = (load_file(str(p / "scores.safetensors")) for p in (ref, got))
@@ -479,27 +541,27 @@ def _fault_cases() -> list[tuple[str, int, signal.Signals, str, float]]:
     cases = []
     for command in FAULT_ARGS:
         sigs = rng.sample([signal.SIGTERM, signal.SIGKILL], 2)
-        for tp, sig in zip((1, 2), sigs, strict=True):
+        for tp, sig in zip((1, 3), sigs, strict=True):
             cases.append((command, tp, sig, rng.choice(FAULT_POINTS[command]),
                           round(rng.uniform(0.0, 0.1), 3)))  # fmt: skip
     return cases
 
 
-# prune stays in `make test`; score and distill (about a minute more) run with `make test-all`
+# prune stays in `make test`; convert, score and distill run with `make test-all` (time)
 FAULT_CASES = [pytest.param(c, marks=pytest.mark.slow) if c != "prune" else c for c in FAULT_ARGS]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("command", FAULT_CASES)
-def test_faults_at_random_points(env, faults, tmp_path, command):
+def test_faults_at_random_points(faults, tmp_path, command):
     """SIGTERM and SIGKILL to `megatron-prune COMMAND` at TP=1 (the command runs in its own
-    process) and TP=2 (two ranks under its launcher): the sources keep their bytes, no process
+    process) and TP=3 (three ranks under its launcher): the sources keep their bytes, no process
     outlives the command, the output is absent or complete, and a rerun (or --resume) gives the
-    uninterrupted result. TP=2, not 3: the tiny model has 4 heads / 2 groups."""
-    before = _sources(env)
+    uninterrupted result."""
+    before = _sources(faults)
     for name, tp, sig, point, delay in [c for c in _fault_cases() if c[0] == command]:
         out, stderr = tmp_path / f"{name}_tp{tp}", tmp_path / f"{name}_tp{tp}.stderr"
-        argv = _fault_argv(env, command, out, "--tp", str(tp))
+        argv = _fault_argv(faults, command, out, "--tp", str(tp))
         penv = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
         penv.pop(RUN_ID_ENV, None)
         with stderr.open("w") as err:
@@ -528,11 +590,11 @@ def test_faults_at_random_points(env, faults, tmp_path, command):
             assert proc.returncode == 128 + signal.SIGTERM, case
             assert "stopped by SIGTERM" in stderr.read_text(), case
         _wait_for(lambda seen=seen: not any(_alive(p) for p in seen), 15, f"{case[:4]}: exit")
-        assert _sources(env) == before, case
+        assert _sources(faults) == before, case
         if command != "distill":  # its run folder holds metrics and checkpoints as it trains
             done = out / ("meta.json" if command == "score" else "megatron_prune.json")
             assert not out.exists() or done.is_file(), case  # absent, or published whole
         r = cli_subprocess(*argv, *_rerun_flags(command, out))
         assert r.returncode == 0, (case, r.stderr[-2000:])
         _same_result(command, faults / f"{command}_ref", out, tp)
-        assert not _leftovers(tmp_path) and _sources(env) == before, case
+        assert not _leftovers(tmp_path) and _sources(faults) == before, case
