@@ -369,7 +369,8 @@ def check_prune(checkpoint: str | Path, scores: str | Path, target: str | Path |
 
 def prune(checkpoint: str | Path, scores: str | Path, target: str | Path | dict[str, Any],
           out: str | Path, *, clap: bool = False, slnp: bool = False,
-          absorb_post_norms: bool = False, channel_score: str = "channel/l1",
+          absorb_post_norms: bool = False, drop_post_norms: bool = False,
+          channel_score: str = "channel/l1",
           head_score: str = "head/l2", neuron_score: str = "neuron/l2",
           layer_score: str = "layer/block_influence", layout: ParallelLayout | None = None,
           device: str | None = None, overwrite: bool = False):  # fmt: skip
@@ -383,7 +384,8 @@ def prune(checkpoint: str | Path, scores: str | Path, target: str | Path | dict[
 
     layout = _layout(layout)
     options = PruneOptions(
-        clap=clap, slnp=slnp, absorb_post_norms=absorb_post_norms, channel_score=channel_score,
+        clap=clap, slnp=slnp, absorb_post_norms=absorb_post_norms,
+        drop_post_norms=drop_post_norms, channel_score=channel_score,
         head_score=head_score, neuron_score=neuron_score, layer_score=layer_score,
     )  # fmt: skip
     meta, parsed, table = check_prune(checkpoint, scores, target, out, options=options,

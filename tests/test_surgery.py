@@ -137,6 +137,26 @@ def test_absorbing_removes_the_post_norms():
     assert not out.arch.post_norms and not any("post_norm" in k for k in out.state)
 
 
+def test_dropping_removes_the_post_norms_and_keeps_everything_else():
+    """--drop-post-norms (the paper's "dropped" baseline): no post-norm left, every other
+    tensor the source's bit for bit; refused beside absorption and on a model without them."""
+    from megatron_prune.surgery.prune import check_scores
+
+    state, arch = whole_state("gemma3")
+    target = load_target({}, arch)
+    out = prune_model(state, arch, random_scores(arch), target, PruneOptions(drop_post_norms=True))
+    assert not out.arch.post_norms
+    assert set(out.state) == {k for k in state if "post_norm" not in k}
+    assert all(out.state[k].equal(state[k]) for k in out.state)
+    with pytest.raises(TargetError, match="exclude each other"):
+        check_scores(random_scores(arch), arch, target,
+                     PruneOptions(absorb_post_norms=True, drop_post_norms=True))  # fmt: skip
+    _, llama = whole_state("llama")
+    with pytest.raises(TargetError, match="--drop-post-norms needs a sandwich-norm model"):
+        check_scores(random_scores(llama), llama, load_target({}, llama),
+                     PruneOptions(drop_post_norms=True))  # fmt: skip
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes, so that equality is bit for bit (-0.0 vs 0.0, NaN payloads)."""
     return t.detach().contiguous().reshape(-1).view(torch.uint8)

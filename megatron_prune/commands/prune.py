@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slnp", action="store_true", help="Stabilized LayerNorm Pruning")
     parser.add_argument("--absorb-post-norms", action="store_true",
                         help="fold sandwich post-norms into the output projections")  # fmt: skip
+    parser.add_argument("--drop-post-norms", action="store_true",
+                        help="remove sandwich post-norms outright (the baseline absorption "
+                             "is compared with)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true")
     for unit, default in _SCORE_FLAGS:
         parser.add_argument(f"--{unit}-score", default=default,
@@ -33,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _kwargs(args: argparse.Namespace) -> dict:
     return dict(
         clap=args.clap, slnp=args.slnp, absorb_post_norms=args.absorb_post_norms,
+        drop_post_norms=args.drop_post_norms,
         channel_score=args.channel_score, head_score=args.head_score,
         neuron_score=args.neuron_score, layer_score=args.layer_score,
     )  # fmt: skip

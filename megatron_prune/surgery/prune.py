@@ -36,6 +36,9 @@ class PruneOptions:
     clap: bool = False
     slnp: bool = False
     absorb_post_norms: bool = False
+    # remove the post-norms without folding them anywhere: the paper's "dropped" baseline
+    # (Table 4), which absorption is measured against
+    drop_post_norms: bool = False
     channel_score: str = "channel/l1"
     head_score: str = "head/l2"
     neuron_score: str = "neuron/l2"
@@ -76,8 +79,13 @@ def check_scores(scores: dict, arch: ModelArch, target: Target, options: PruneOp
             f"the scores lack {missing}: rerun `megatron-prune score` with the metrics that "
             "produce them"
         )
-    if options.absorb_post_norms and not arch.post_norms:
-        raise TargetError("--absorb-post-norms needs a sandwich-norm model (post-norms)")
+    for flag, wanted in (("--absorb-post-norms", options.absorb_post_norms),
+                         ("--drop-post-norms", options.drop_post_norms)):  # fmt: skip
+        if wanted and not arch.post_norms:
+            raise TargetError(f"{flag} needs a sandwich-norm model (post-norms)")
+    if options.absorb_post_norms and options.drop_post_norms:
+        raise TargetError("--absorb-post-norms and --drop-post-norms exclude each other: "
+                          "fold the post-norms or remove them, not both")  # fmt: skip
     if options.clap and target.num_layers == arch.num_layers:
         raise TargetError("--clap merges attention of dropped layers: the target drops none")
 
@@ -215,7 +223,7 @@ def plan_surgery(
     hidden_keep = None
     if target.hidden_size < arch.hidden_size:
         hidden_keep = top_indices(scores[options.channel_score], target.hidden_size)
-    post_norms = arch.post_norms and not options.absorb_post_norms
+    post_norms = arch.post_norms and not (options.absorb_post_norms or options.drop_post_norms)
     new_arch = target.arch(arch, kept, post_norms=post_norms)
     if arch.sliding_window is not None and dropped:  # survivors keep their local/global kind
         local = tuple(arch.is_local_layer(i) for i in kept)
@@ -253,6 +261,8 @@ def prune_layer(
         for (norm, proj), inv in zip(((POST_ATTN_NORM, PROJ), (POST_MLP_NORM, FC2)), lp.inv_rms,
                                      strict=True):  # fmt: skip
             layer[proj] = absorb_post_norm(layer[proj], layer.pop(norm), inv, zc)
+    elif plan.source_arch.post_norms and not plan.arch.post_norms:  # --drop-post-norms
+        layer = {k: v for k, v in layer.items() if k not in (POST_ATTN_NORM, POST_MLP_NORM)}
     return layer
 
 
