@@ -79,3 +79,17 @@ def test_eval_reads_a_legacy_checkpoint_from_the_command_line(report, tmp_path):
     result = cli("eval", "ppl", str(legacy), "--data", str(text), "--seq-len", "16")
     assert result.returncode == 0, result.stderr[-2000:]
     assert last_json(result.stdout)["ppl"] > 1
+
+
+def test_a_megatron_lm_checkpoint_without_a_tokenizer_names_the_way_out(report, tmp_path):
+    from pathlib import Path
+
+    from tests.helpers import cli
+
+    legacy = Path(report["workdir"]) / "megatron_lm_torch_tp1"  # its args name no tokenizer
+    text = tmp_path / "text.txt"
+    text.write_text("some text to score " * 20)
+    result = cli("eval", "ppl", str(legacy), "--data", str(text), "--seq-len", "16")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "--tokenizer TOKENIZER_DIR" in lines[0]

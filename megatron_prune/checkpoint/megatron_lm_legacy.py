@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from megatron_prune.checkpoint.metadata import CheckpointError
+from megatron_prune.checkpoint.partial import StoredTensor, WholeTensorReader
 from megatron_prune.checkpoint.sharding import join_shards
 from megatron_prune.models.arch import ModelArch
 
@@ -175,44 +176,31 @@ class LegacyTensors(Mapping[str, torch.Tensor]):
         return len(self._where)
 
 
-class LegacyReader:
-    """The interface of ``partial.CheckpointReader`` (whole tensors or blocks of their rows, by
-    whole-model name) over a legacy checkpoint, so ``prune`` reads either format. A tensor is
-    joined from its rank files when it is read; the files themselves are memory-mapped."""
+class LegacyReader(WholeTensorReader):
+    """``partial.CheckpointReader``'s interface over a legacy checkpoint, so ``prune`` reads
+    either format. A tensor is joined from its rank files when it is read; the files themselves
+    are memory-mapped."""
 
     def __init__(self, path: str | Path) -> None:
         from megatron_prune.checkpoint.megatron_lm_format import read_meta, tensor_directory
-        from megatron_prune.checkpoint.partial import StoredTensor
 
         self.directory = tensor_directory(path)
         self._tensors = LegacyTensors(self.directory, read_meta(path).arch)
         self.index = {name: StoredTensor(name, None, self._tensors.shape(name), torch.float32)
                       for name in self._tensors}  # fmt: skip
 
-    def names(self) -> list[str]:
-        return list(self.index)
-
-    def layer_names(self, layer: int) -> list[str]:
-        prefix = f"decoder.layers.{layer}."
-        return [n for n in self.index if n.startswith(prefix)]
-
     def read(
         self, names: list[str], rows: dict[str, tuple[int, int]] | None = None
     ) -> dict[str, torch.Tensor]:
+        self._check_known(names)
         out = {}
         for name in names:
-            if name not in self.index:
-                raise CheckpointError(f"{self.directory}: no tensor {name!r} in the checkpoint")
             tensor = self._tensors[name]
             if rows and name in rows:
                 start, stop = rows[name]
                 tensor = tensor[start:stop].clone()
             out[name] = tensor
         return out
-
-    def read_layer(self, layer: int) -> dict[str, torch.Tensor]:
-        prefix = f"decoder.layers.{layer}."
-        return {n[len(prefix) :]: t for n, t in self.read(self.layer_names(layer)).items()}
 
 
 def is_legacy_checkpoint(path: str | Path) -> bool:

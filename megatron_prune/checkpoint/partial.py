@@ -95,7 +95,38 @@ def open_reader(directory: str | Path):
     return CheckpointReader(directory)
 
 
-class CheckpointReader:
+class WholeTensorReader:
+    """What ``prune`` asks of a checkpoint: an ``index`` of whole-model tensor names (with their
+    shapes) and ``read(names, rows)``; the layer helpers are built on those two."""
+
+    directory: Path
+    index: dict[str, StoredTensor]
+
+    def names(self) -> list[str]:
+        return list(self.index)
+
+    def layer_names(self, layer: int) -> list[str]:
+        prefix = f"{_STACKED_PREFIX}{layer}."
+        return [n for n in self.index if n.startswith(prefix)]
+
+    def _check_known(self, names: list[str]) -> None:
+        for name in names:
+            if name not in self.index:
+                raise CheckpointError(f"{self.directory}: no tensor {name!r} in the checkpoint")
+
+    def read(
+        self, names: list[str], rows: dict[str, tuple[int, int]] | None = None
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def read_layer(self, layer: int) -> dict[str, torch.Tensor]:
+        """Every tensor of source layer ``layer``, by layer-local name
+        (``mlp.linear_fc1.weight``)."""
+        prefix = f"{_STACKED_PREFIX}{layer}."
+        return {n[len(prefix) :]: t for n, t in self.read(self.layer_names(layer)).items()}
+
+
+class CheckpointReader(WholeTensorReader):
     """Whole tensors, or blocks of their rows, from a dist checkpoint written by this tool or by
     megatron-core, read on demand."""
 
@@ -120,22 +151,14 @@ class CheckpointReader:
             else:
                 self.index[name_key] = StoredTensor(key, None, md.size, dtype)
 
-    def names(self) -> list[str]:
-        return list(self.index)
-
-    def layer_names(self, layer: int) -> list[str]:
-        prefix = f"{_STACKED_PREFIX}{layer}."
-        return [n for n in self.index if n.startswith(prefix)]
-
     def read(
         self, names: list[str], rows: dict[str, tuple[int, int]] | None = None
     ) -> dict[str, torch.Tensor]:
         """The tensors ``names``; ``rows[name] = (start, stop)`` reads only those rows."""
+        self._check_known(names)
         rows = rows or {}
         regions, out = {}, {}
         for name in names:
-            if name not in self.index:
-                raise CheckpointError(f"{self.directory}: no tensor {name!r} in the checkpoint")
             stored = self.index[name]
             start, stop = rows.get(name, (0, stored.shape[0] if stored.shape else 0))
             shape = (stop - start, *stored.shape[1:]) if name in rows else tuple(stored.shape)
@@ -149,12 +172,6 @@ class CheckpointReader:
         if regions:
             self._load(regions)
         return out
-
-    def read_layer(self, layer: int) -> dict[str, torch.Tensor]:
-        """Every tensor of source layer ``layer``, by layer-local name
-        (``mlp.linear_fc1.weight``)."""
-        prefix = f"{_STACKED_PREFIX}{layer}."
-        return {n[len(prefix) :]: t for n, t in self.read(self.layer_names(layer)).items()}
 
     def _load(self, regions: dict[str, tuple[torch.Tensor, tuple[int, ...]]]) -> None:
         state = {rid: dest for rid, (dest, _) in regions.items()}

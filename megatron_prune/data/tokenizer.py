@@ -30,6 +30,12 @@ def load_tokenizer(checkpoint: str | Path) -> Tokenizer:
     record = meta.tokenizer
     path = Path(checkpoint) / record.get("path", "tokenizer") / "tokenizer.json"
     if not record or not path.is_file():
+        if str(meta.provenance.get("source", "")).startswith("megatron-lm"):
+            raise CheckpointError(
+                f"{checkpoint} is a Megatron-LM checkpoint whose args name no local Hugging Face "
+                f"tokenizer (--tokenizer-model): run `megatron-prune convert {checkpoint} NEW "
+                "--tokenizer TOKENIZER_DIR` once and use NEW"
+            )
         raise CheckpointError(
             f"{checkpoint} has no tokenizer: convert from a source that carries one"
         )

@@ -20,9 +20,8 @@ import torch
 
 from megatron_prune.checkpoint.atomic import atomic_directory
 from megatron_prune.checkpoint.megatron_io import save_model_checkpoint
-from megatron_prune.checkpoint.megatron_lm_legacy import LegacyReader
 from megatron_prune.checkpoint.metadata import CheckpointMeta, provenance
-from megatron_prune.checkpoint.partial import CheckpointReader, open_reader
+from megatron_prune.checkpoint.partial import WholeTensorReader, open_reader
 from megatron_prune.checkpoint.sharding import fill_parameters, parameter_names, tp_rows
 from megatron_prune.checkpoint.sources import open_source, write_description
 from megatron_prune.log import log
@@ -53,7 +52,7 @@ def _local_layers(chunks: list[torch.nn.Module]) -> list[tuple[int, int]]:
 
 
 def prune_shards(
-    reader: CheckpointReader | LegacyReader, plan: SurgeryPlan, chunks: list[torch.nn.Module]
+    reader: WholeTensorReader, plan: SurgeryPlan, chunks: list[torch.nn.Module]
 ) -> None:
     """Fill this rank's chunks of the pruned model, layer by layer, from the source checkpoint."""
     local = _local_layers(chunks)
