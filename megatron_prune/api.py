@@ -65,6 +65,8 @@ __all__ = [
     "prune",
     "report",
     "score",
+    "check_sparsify",
+    "sparsify",
 ]
 
 
@@ -304,22 +306,25 @@ def check_plan(checkpoint: str | Path, scores: str | Path | None, out: str | Pat
                budget: str, strategy: str = "uniform", tp: int = 1, pp: int = 1,
                prune: str | tuple[str, ...] | None = None, alpha_eps: float = 0.3,
                seq_len: int = 2048, overwrite: bool = False, data: str | Path | None = None,
-               tyr=None, resume: bool = False):  # fmt: skip
+               tyr=None, resume: bool = False,
+               latency_table: str | Path | None = None):  # fmt: skip
     """Every check of :func:`plan`; returns the checked ``PlanInputs``."""
     from megatron_prune.plan.planfile import check_plan_inputs
 
-    check_not_input(out, "--out", {"CHECKPOINT": checkpoint, "--scores": scores, "--data": data})
+    check_not_input(out, "--out", {"CHECKPOINT": checkpoint, "--scores": scores, "--data": data,
+                                   "--latency-table": latency_table})  # fmt: skip
     return check_plan_inputs(checkpoint, scores, out, budget=budget, strategy=strategy, tp=tp,
                              pp=pp, prune=prune, alpha_eps=alpha_eps, seq_len=seq_len,
-                             overwrite=overwrite, data=data, tyr=tyr,
-                             resume=resume)  # fmt: skip
+                             overwrite=overwrite, data=data, tyr=tyr, resume=resume,
+                             latency_table=latency_table)  # fmt: skip
 
 
 def plan(checkpoint: str | Path, scores: str | Path | None, out: str | Path, *, budget: str,
          strategy: str = "uniform", tp: int = 1, pp: int = 1,
          prune: str | tuple[str, ...] | None = None, alpha_eps: float = 0.3,
          seq_len: int = 2048, overwrite: bool = False, data: str | Path | None = None,
-         tyr=None, resume: bool = False):  # fmt: skip
+         tyr=None, resume: bool = False,
+         latency_table: str | Path | None = None):  # fmt: skip
     """Allocate ``budget`` (``"params=0.5"``: keep half of the blocks' parameters; ``flops=``,
     ``latency=`` likewise) over the layers of ``checkpoint`` with ``strategy`` (``uniform``;
     ``alpha``: AlphaPruning from the ESD alphas in ``scores``; ``tyr``: Tyr-the-Pruner's search
@@ -327,12 +332,15 @@ def plan(checkpoint: str | Path, scores: str | Path | None, out: str | Path, *, 
     target ``prune`` takes to ``out``, valid at ``tp`` x ``pp``. uniform and alpha read no
     weights and need no torch.distributed; tyr loads the model in a world of one and keeps its
     supernet and search state in ``OUT.tyr/`` (``resume``: continue there).
-    ``prune``: the dimensions that may shrink (default ``ffn,heads``). Returns the ``Plan``."""
+    ``prune``: the dimensions that may shrink (default ``ffn,heads``). ``latency_table``: a
+    ``bench --out`` file whose layer timings calibrate a ``latency=`` budget (analytic
+    otherwise). Returns the ``Plan``."""
     from megatron_prune.plan.planfile import make_plan, write_plan
 
     inputs = check_plan(checkpoint, scores, out, budget=budget, strategy=strategy, tp=tp, pp=pp,
                         prune=prune, alpha_eps=alpha_eps, seq_len=seq_len,
-                        overwrite=overwrite, data=data, tyr=tyr, resume=resume)  # fmt: skip
+                        overwrite=overwrite, data=data, tyr=tyr, resume=resume,
+                        latency_table=latency_table)  # fmt: skip
     result = make_plan(inputs)
     write_plan(result, out)
     return result
@@ -403,6 +411,78 @@ def prune(checkpoint: str | Path, scores: str | Path, target: str | Path | dict[
     log(f"kept layers {plan.kept}; pruned architecture {plan.arch.to_dict()}")
     write_pruned(Path(checkpoint), meta, plan, Path(out), layout.to_dict(), options,
                  asdict(parsed), Path(scores), overwrite)  # fmt: skip
+    return plan
+
+
+# --------------------------------------------------------------------------------- sparsify
+
+
+def check_sparsify(checkpoint: str | Path, out: str | Path, *, scores: str | Path | None = None,
+                   sparsity: float = 0.5, method: str = "wanda", allocation: str = "uniform",
+                   alpha_eps: float | None = None, layout: ParallelLayout | None = None,
+                   overwrite: bool = False):  # fmt: skip
+    """Every check of :func:`sparsify` that needs no weights; returns (meta, SparsityPlan)."""
+    import numpy as np
+
+    from megatron_prune.checkpoint.metadata import CheckpointMeta
+    from megatron_prune.importance.scoring import load_scores
+    from megatron_prune.plan.cost import layer_shapes, matmul_params
+    from megatron_prune.plan.strategies import DEFAULT_ALPHA_EPS, block_alphas
+    from megatron_prune.stages.sparsify import SparsityPlan
+    from megatron_prune.surgery.masks import ALLOCATIONS, LINEARS, METHODS, layer_sparsities
+
+    layout = _layout(layout)
+    if method not in METHODS:
+        raise UserError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    if allocation not in ALLOCATIONS:
+        raise UserError(f"--allocation {allocation!r}: use one of {', '.join(ALLOCATIONS)}")
+    if scores is None and (method == "wanda" or allocation == "alpha"):
+        needs = "--metrics wanda" if method == "wanda" else "--metrics esd"
+        raise UserError(f"--method {method} --allocation {allocation} needs --scores DIR "
+                        f"(written by `megatron-prune score CKPT ... {needs}`)")  # fmt: skip
+    check_not_input(out, "--out", {"CHECKPOINT": checkpoint, "--scores": scores})
+    check_output(Path(out), overwrite)
+    meta = CheckpointMeta.read(checkpoint)
+    meta.arch.check_layout(layout.tp, layout.pp, layout.vpp)
+    table = {} if scores is None else load_scores(scores, meta.arch)
+    norms = None
+    if method == "wanda":
+        missing = [f"input_norm/{k}" for k in LINEARS if f"input_norm/{k}" not in table]
+        if missing:
+            raise UserError(f"--scores {scores} has no {', '.join(missing)}: score again with "
+                            "`--metrics wanda` (it adds the input norms unstructured Wanda "
+                            "needs)")  # fmt: skip
+        norms = {k: table[f"input_norm/{k}"] for k in LINEARS}
+    arch = meta.arch
+    alphas = block_alphas(table) if allocation == "alpha" else None
+    weights = [matmul_params(arch, s) for s in layer_shapes(arch)]  # the masked matrices
+    eps = DEFAULT_ALPHA_EPS if alpha_eps is None else alpha_eps
+    sparsities = layer_sparsities(arch.num_layers, sparsity, allocation, alphas, eps, weights)
+    achieved = float(np.average(sparsities, weights=weights))
+    if abs(achieved - sparsity) > 1e-6:  # the mapping guarantees the mean; a miss is a bug
+        raise RuntimeError(f"per-layer sparsities average {achieved}, not {sparsity}")
+    check_free_space(out, checkpoint_bytes(arch, "fp32"), "the sparsified checkpoint")
+    return meta, SparsityPlan(method, allocation, sparsities, norms)
+
+
+def sparsify(checkpoint: str | Path, out: str | Path, *, scores: str | Path | None = None,
+             sparsity: float = 0.5, method: str = "wanda", allocation: str = "uniform",
+             alpha_eps: float | None = None, layout: ParallelLayout | None = None,
+             device: str | None = None, overwrite: bool = False):  # fmt: skip
+    """Unstructured sparsity: zero ``sparsity`` of the weights of every block's linear layers
+    (``magnitude`` or ``wanda`` masks; per-layer ratios ``uniform`` or AlphaPruning's
+    ``alpha``) and write the dense-shaped, masked checkpoint to ``out`` at ``layout``, for
+    ``eval``. No speed-up is claimed: zeros in dense matrices cost the same. Returns the plan."""
+    from megatron_prune.distributed import initialize
+    from megatron_prune.stages.sparsify import write_sparsified
+
+    layout = _layout(layout)
+    meta, plan = check_sparsify(checkpoint, out, scores=scores, sparsity=sparsity, method=method,
+                                allocation=allocation, alpha_eps=alpha_eps, layout=layout,
+                                overwrite=overwrite)  # fmt: skip
+    initialize(layout, device)
+    write_sparsified(Path(checkpoint), meta, plan, Path(out), layout.to_dict(),
+                     None if scores is None else Path(scores), overwrite)  # fmt: skip
     return plan
 
 

@@ -2,7 +2,9 @@
 strategy, same scores and same surgery: uniform, AlphaPruning (alpha), Tyr-the-Pruner's search
 with expectation error accumulation on and off, and with prune's own units as its local
 pruner. Reports each plan's search cost (tokens, wall time) and, for tyr, the calibration KL of
-its start (the uniform plan) and of what it found.
+its start (the uniform plan) and of what it found. Then AlphaPruning's own setting,
+unstructured masks (``sparsify``, default 70%): magnitude and Wanda, each with uniform and with
+AlphaPruning per-layer ratios (``--masks``; none with ``--unstructured 0``).
 
 ``prune`` keeps the units with the best activation scores (head/l2, neuron/l2) at the planned
 widths, for every strategy: tyr's own OBS choices and refit live only in its supernet (its KL
@@ -44,6 +46,12 @@ def main() -> None:
                         default=["uniform", "alpha", "tyr", "tyr-noeea", "tyr-scores"],
                         help="tyr: OBS local pruner with expectation error accumulation; "
                              "tyr-noeea: without it; tyr-scores: prune's own units (scores)")
+    parser.add_argument("--unstructured", type=float, default=0.7,
+                        help="sparsity of the mask runs (0: none)")
+    parser.add_argument("--masks", nargs="*",
+                        default=["magnitude-uniform", "magnitude-alpha", "wanda-uniform",
+                                 "wanda-alpha"],
+                        help="METHOD-ALLOCATION mask runs")  # fmt: skip
     args = parser.parse_args()
 
     from megatron_prune import api
@@ -70,7 +78,7 @@ def main() -> None:
     scores = args.out / "scores"
     if not (scores / "scores.safetensors").is_file():
         api.score(ckpt, calibration, scores, samples=args.samples, seq_len=args.seq_len,
-                  metrics=["head", "neuron", "esd"], overwrite=True)  # fmt: skip
+                  metrics=["head", "neuron", "esd", "wanda"], overwrite=True)  # fmt: skip
     runs = []
 
     def evaluate(name: str, model: Path, extra: dict) -> None:
@@ -106,6 +114,15 @@ def main() -> None:
             extra.update({k: t[k] for k in ("kl_uniform", "kl_found", "search_tokens",
                                             "statistics_tokens", "evaluations")})  # fmt: skip
         evaluate(name, pruned, extra)
+    for name in args.masks if args.unstructured > 0 else []:
+        method, _, allocation = name.partition("-")
+        masked = args.out / f"masked_{name}"
+        t0 = time.perf_counter()
+        api.sparsify(ckpt, masked, scores=scores, sparsity=args.unstructured, method=method,
+                     allocation=allocation, overwrite=True)  # fmt: skip
+        evaluate(f"{name} {args.unstructured:.0%} (mask)", masked,
+                 {"plan_s": round(time.perf_counter() - t0, 1), "search_tokens": 0,
+                  "weights_zeroed": args.unstructured})  # fmt: skip
     (args.out / "results.json").write_text(json.dumps({"settings": {k: str(v) for k, v in
                                                        vars(args).items()}, "runs": runs},
                                                       indent=2))  # fmt: skip
@@ -118,7 +135,8 @@ def table(runs: list[dict]) -> str:
     for r in runs:
         kl = f"{r['kl_uniform']:.4f} -> {r['kl_found']:.4f}" if "kl_found" in r else ""
         tokens = r.get("search_tokens", "")
-        rows.append(f"| {r['strategy']} | {r['block_params_kept']:.3f} | {r['ppl']:.2f} | "
+        kept = r["block_params_kept"] * (1 - r.get("weights_zeroed", 0))  # masks: non-zeros
+        rows.append(f"| {r['strategy']} | {kept:.3f} | {r['ppl']:.2f} | "
                     f"{r.get('plan_s', '')} | {tokens} | {kl} |")  # fmt: skip
     return "\n".join(rows)
 

@@ -23,7 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a folder written by `score` (alpha: scored with --metrics esd)")
     parser.add_argument("--budget", required=True,
                         help=f"METRIC=FRACTION of the dense blocks' cost to keep; metrics: "
-                             f"{', '.join(METRICS)} (latency: analytic, = FLOPs)")  # fmt: skip
+                             f"{', '.join(METRICS)} (latency: analytic, = FLOPs, unless "
+                             "--latency-table)")  # fmt: skip
+    parser.add_argument("--latency-table", default=None, metavar="FILE.jsonl",
+                        help="`bench --out` timings of this model (and pruned or --shape "
+                             "variants) that calibrate a latency budget")  # fmt: skip
     parser.add_argument("--strategy", default="uniform",
                         help=f"{' | '.join(STRATEGIES)} (default: %(default)s)")  # fmt: skip
     parser.add_argument("--prune", default=",".join(DEFAULT_DIMS),
@@ -84,7 +88,7 @@ def _kwargs(args: argparse.Namespace) -> dict:
     return dict(budget=args.budget, strategy=args.strategy, tp=args.tp, pp=args.pp,
                 prune=args.prune, alpha_eps=args.alpha_eps, seq_len=args.seq_len,
                 overwrite=args.overwrite, data=args.data, tyr=tyr,
-                resume=args.resume)  # fmt: skip
+                resume=args.resume, latency_table=args.latency_table)  # fmt: skip
 
 
 def world_size_needed(args: argparse.Namespace) -> int:

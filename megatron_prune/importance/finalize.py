@@ -11,6 +11,9 @@ Score names (the same at every layout) and what they are, with T the calibration
   group/l2            [L, g]  L2 norm of the whole group's attention output
   neuron/l2           [L, f]  Eq. 3: L2 norm of each FFN activation (input of linear_fc2)
   neuron/minitron, neuron/wanda, neuron/flap  [L, f]  as for heads, per neuron
+  input_norm/qkv, input_norm/fc1 [L, h], input_norm/proj [L, n*d], input_norm/fc2 [L, f]
+                              ||X_j|| over tokens of each input column of the block's linear
+                              layers (unstructured Wanda, ``sparsify``)
   layer/block_influence [L]   Eq. 4: 1 - mean cosine(layer input, layer output)
   post_norm/attn_inv_rms, post_norm/mlp_inv_rms [L]  mean 1/sqrt(mean(x^2)+eps) of the
                               post-norm's input (Eq. 8), for Post-RMSNorm absorption
@@ -42,6 +45,9 @@ def finalize(
         act = sums["proj_in.sq_sum"].sqrt()
         out["head/wanda"] = (act * sums["proj_w.abs_colsum"]).view(L, n, d).sum(-1)
         out["neuron/wanda"] = sums["fc2_in.sq_sum"].sqrt() * sums["fc2_w.abs_colsum"]
+    for key in ("qkv", "fc1", "proj", "fc2"):
+        if "qkv_in.sq_sum" in sums:  # wanda: every block linear's input column norms
+            out[f"input_norm/{key}"] = sums[f"{key}_in.sq_sum"].sqrt()
     if "proj_w.sq_colsum" in sums:
         for key, name in (("proj", "head"), ("fc2", "neuron")):
             mean = sums[f"{key}_in.sum"] / tokens

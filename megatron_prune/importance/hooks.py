@@ -129,6 +129,10 @@ def _cosine(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor
     return dot / norms.clamp_min(eps)
 
 
+# the linear layer each pre-norm feeds (its output is that layer's whole input)
+_NORM_FEEDS = {"input": "qkv_in", "pre_mlp": "fc1_in"}
+
+
 def stat_shapes(arch: ModelArch, metrics: set[str]) -> dict[str, tuple[int, ...]]:
     """Every sum the chosen metrics need, with its global shape (the same list on every rank)."""
     L, h, f = arch.num_layers, arch.hidden_size, arch.ffn_hidden_size
@@ -147,6 +151,8 @@ def stat_shapes(arch: ModelArch, metrics: set[str]) -> dict[str, tuple[int, ...]
         shapes.update({"proj_w.sq_colsum": (L, nd), "fc2_w.sq_colsum": (L, f)})
     if "wanda" in metrics:
         shapes.update({"proj_w.abs_colsum": (L, nd), "fc2_w.abs_colsum": (L, f)})
+        # the inputs of linear_qkv and linear_fc1 (their norms' outputs): unstructured Wanda
+        shapes.update({"qkv_in.sq_sum": (L, h), "fc1_in.sq_sum": (L, h)})
     if "layer" in metrics:
         shapes["layer.cos_sum"] = (L,)
     if "post_norm" in metrics and arch.post_norms:
@@ -251,6 +257,9 @@ class ImportanceHooks:
             y = output.detach().float()  # [s, b, h]
             if self.view.adds_hidden_stats and "channel" in metrics:
                 self._add("channel.abs_sum", (slice(None),), _abs_sum(y))
+            linear_input = _NORM_FEEDS.get(kind)
+            if self.view.adds_hidden_stats and f"{linear_input}.sq_sum" in self.shapes:
+                self._add(f"{linear_input}.sq_sum", (i,), _sq_sum(y))
             if "minitron" in metrics:  # mean |y| over the sequence, then L2 over samples
                 per_sample = self._tp_sum(y.abs().sum(0)) / self.seq_len  # [b, h]
                 if self.view.tp_rank == 0:  # whole-sequence values now on every TP rank

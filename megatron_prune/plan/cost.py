@@ -12,7 +12,8 @@ Vp = padded vocabulary, s = sequence length):
   Megatron's and Kaplan et al.'s counts, which ignore the causal mask; ``s_eff = min(s, window)``
   on sliding-window layers). The model adds the output layer's ``2*h*Vp``.
 * **Latency**: an analytic proxy equal to the blocks' FLOPs (in FLOP units, so a latency budget
-  is a FLOPs budget). Calibration by ``bench`` timings (``--latency-table FILE``) is planned.
+  is a FLOPs budget), or, with ``--latency-table FILE`` (``bench`` timings), milliseconds from
+  a per-layer model fitted to the timed layers (:mod:`megatron_prune.plan.latency`).
 
 A budget ``metric=keep`` is the fraction of the dense model's *block* cost to keep:
 ``params=0.5`` keeps half of the transformer blocks' parameters (embedding and output layer are
@@ -24,9 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from megatron_prune.errors import UserError
 from megatron_prune.models.arch import LayerWidths, ModelArch
+
+if TYPE_CHECKING:
+    from megatron_prune.plan.latency import LatencyModel
 
 METRICS = ("params", "flops", "latency")
 TOLERANCE = 0.01  # |achieved / keep - 1| a plan may miss its budget by
@@ -39,9 +44,19 @@ class Budget:
 
     metric: str
     keep: float
+    latency: LatencyModel | None = None  # latency from bench timings (None: analytic)
 
     def __str__(self) -> str:
         return f"{self.metric}={self.keep:g}"
+
+    def layer_cost(self, arch: ModelArch, s: LayerShape, seq_len: int) -> float:
+        """A block's cost in this budget's metric (latency: the fitted model when given)."""
+        if self.metric == "latency" and self.latency is not None:
+            return self.latency.layer_ms(arch, s)
+        return layer_cost(arch, self.metric, s, seq_len)
+
+    def blocks_cost(self, arch: ModelArch, shapes: Sequence[LayerShape], seq_len: int) -> float:
+        return sum(self.layer_cost(arch, s, seq_len) for s in shapes)
 
     def met_by(self, fraction: float) -> bool:
         return abs(fraction / self.keep - 1) <= TOLERANCE

@@ -19,9 +19,9 @@ made, which ``load_target`` skips::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -39,6 +39,9 @@ from megatron_prune.plan.cost import (
     parse_budget,
 )
 from megatron_prune.plan.target import PLAN_KEY, load_target
+
+if TYPE_CHECKING:
+    from megatron_prune.plan.latency import LatencyModel
 
 PLAN_FORMAT_VERSION = 1
 
@@ -82,8 +85,10 @@ def check_plan_inputs(checkpoint: str | Path, scores: str | Path | None, out: st
                       alpha_eps: float = strategies.DEFAULT_ALPHA_EPS,
                       seq_len: int = DEFAULT_SEQ_LEN, overwrite: bool = False,
                       data: str | Path | None = None, tyr: Any = None,
-                      resume: bool = False) -> PlanInputs:  # fmt: skip
-    """Every check of ``plan`` (no weights are read): bad input raises UserError."""
+                      resume: bool = False,
+                      latency_table: str | Path | None = None) -> PlanInputs:  # fmt: skip
+    """Every check of ``plan`` (no weights are read): bad input raises UserError.
+    ``latency_table``: a ``bench --out`` file that calibrates a latency budget."""
     from megatron_prune.checkpoint.metadata import CheckpointMeta
 
     if strategy not in strategies.STRATEGIES:
@@ -91,6 +96,13 @@ def check_plan_inputs(checkpoint: str | Path, scores: str | Path | None, out: st
     if strategy == "tyr":
         tyr = _check_tyr(data, tyr, prune)
     parsed = parse_budget(budget)
+    if latency_table is not None:
+        from megatron_prune.plan.latency import fit_latency
+
+        if parsed.metric != "latency":
+            raise UserError(f"--latency-table calibrates latency budgets, not {parsed}: use "
+                            "--budget latency=FRACTION")  # fmt: skip
+        parsed = replace(parsed, latency=fit_latency(latency_table))
     dims = strategies.parse_dims(prune or strategies.DEFAULT_DIMS)
     for name, value in (("--tp", tp), ("--pp", pp), ("--seq-len", seq_len)):
         if not isinstance(value, int) or value < 1:
@@ -186,13 +198,18 @@ def pruned_shapes(source: ModelArch, target: dict[str, Any]) -> tuple[list[Layer
     return shapes, layers / source.num_layers
 
 
-def plan_fractions(source: ModelArch, target: dict[str, Any], seq_len: int) -> dict[str, float]:
-    """The pruned/dense ratio of each cost: blocks (params, flops, latency: the budgets) and the
-    whole model (model_params, model_flops: embedding and output layer included)."""
+def plan_fractions(source: ModelArch, target: dict[str, Any], seq_len: int,
+                   latency: LatencyModel | None = None) -> dict[str, float]:  # fmt: skip
+    """The pruned/dense ratio of each cost: blocks (params, flops, latency: the budgets; latency
+    by the fitted ``latency`` model when given) and the whole model (model_params,
+    model_flops: embedding and output layer included)."""
     shapes, scale = pruned_shapes(source, target)
     dense_shapes = layer_shapes(source)
-    out = {m: scale * blocks_cost(source, m, shapes, seq_len)
-           / blocks_cost(source, m, dense_shapes, seq_len) for m in METRICS}  # fmt: skip
+    out = {}
+    for m in METRICS:
+        budget = Budget(m, 1.0, latency)
+        out[m] = (scale * budget.blocks_cost(source, shapes, seq_len)
+                  / budget.blocks_cost(source, dense_shapes, seq_len))  # fmt: skip
     hidden, vocab = shapes[0].hidden, source.padded_vocab_size
     embed = vocab * (1 if source.tie_embeddings else 2) + 1
     pruned_p = scale * blocks_cost(source, "params", shapes, 0) + embed * hidden
@@ -223,7 +240,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
                                   i.seq_len, i.alpha_eps)  # fmt: skip
     target = _collapse(target)
     load_target(target, i.source, i.tp, i.pp)  # the final word on validity
-    achieved = plan_fractions(i.source, target, i.seq_len)
+    achieved = plan_fractions(i.source, target, i.seq_len, i.budget.latency)
     if not i.budget.met_by(achieved[i.budget.metric]):  # a strategy bug, not bad input
         raise AssertionError(f"plan misses {i.budget}: {achieved}")
     record: dict[str, Any] = {
@@ -233,7 +250,8 @@ def make_plan(inputs: PlanInputs) -> Plan:
         "budget_meaning": f"keep {i.budget.keep:g} of the dense transformer blocks' "
                           f"{i.budget.metric} (within {strategies.TOLERANCE:.0%})",
         "achieved": achieved,
-        "cost_model": "analytic (latency = block FLOPs per token; bench tables are planned)",
+        "cost_model": ("analytic (latency = block FLOPs per token)" if i.budget.latency is None
+                       else i.budget.latency.record()),
         "seq_len": i.seq_len,
         "prune": list(i.dims),
         "validated_at": {"tp": i.tp, "pp": i.pp},

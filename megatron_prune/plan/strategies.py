@@ -33,8 +33,6 @@ from megatron_prune.plan.cost import (
     TOLERANCE,
     Budget,
     LayerShape,
-    blocks_cost,
-    layer_cost,
     layer_shapes,
 )
 
@@ -127,7 +125,7 @@ def uniform(source: ModelArch, budget: Budget, dims: Sequence[str], tp: int = 1,
     for uniform models; with local and global layers, the average kind stays).
     """
     shapes = layer_shapes(source)
-    dense = blocks_cost(source, budget.metric, shapes, seq_len)
+    dense = budget.blocks_cost(source, shapes, seq_len)
     lo, hi = (budget.keep * (1 - TOLERANCE) * dense, budget.keep * (1 + TOLERANCE) * dense)
     grid = make_grid(source, dims, tp, pp)
     best: tuple | None = None
@@ -137,9 +135,9 @@ def uniform(source: ModelArch, budget: Budget, dims: Sequence[str], tp: int = 1,
             new = [_shape(s, hidden, heads, 0) for s in shapes]
             for layers in grid.depth:
                 scale = layers / source.num_layers
-                base = scale * blocks_cost(source, budget.metric, new, seq_len)
+                base = scale * budget.blocks_cost(source, new, seq_len)
                 per_neuron = scale * sum(
-                    layer_cost(source, budget.metric, replace(s, ffn=1), seq_len)
+                    budget.layer_cost(source, replace(s, ffn=1), seq_len)
                     for s in new) - base  # fmt: skip
                 for ffn in _ffn_choices(grid.ffn, base, per_neuron, lo, hi, "ffn" in dims):
                     cost = base + per_neuron * ffn
@@ -238,7 +236,7 @@ def _continuous_ratio(source: ModelArch, budget: Budget, dims: Sequence[str], ba
     def cost(r: float) -> float:
         k = {d: (r if d in dims else 1.0) for d in ALPHA_DIMS}
         heads = (base.heads * k["heads"] * k["groups"], base.groups * k["groups"])
-        return layer_cost(source, budget.metric, _shape(base, base.hidden, heads,
+        return budget.layer_cost(source, _shape(base, base.hidden, heads,
                                                         base.ffn * k["ffn"]), seq_len)  # fmt: skip
 
     low, high = 0.0, 1.0
@@ -262,7 +260,7 @@ def alpha(source: ModelArch, budget: Budget, scores: dict, dims: Sequence[str], 
     if len(alphas) != source.num_layers:
         raise UserError(f"{len(alphas)} ESD alphas for a model of {source.num_layers} layers")
     shapes = layer_shapes(source)
-    dense = [layer_cost(source, budget.metric, s, seq_len) for s in shapes]
+    dense = [budget.layer_cost(source, s, seq_len) for s in shapes]
     ratios = alpha_keep_ratios(alphas, budget.keep, eps, dense)
     grid = make_grid(source, dims, tp, pp)
     wanted = [float(r * c) for r, c in zip(ratios, dense, strict=True)]
@@ -271,8 +269,8 @@ def alpha(source: ModelArch, budget: Budget, scores: dict, dims: Sequence[str], 
         r = _continuous_ratio(source, budget, dims, s, want, seq_len)
         pair = min(grid.heads, key=lambda p: (
             sum(abs(x - r) for x in grid.ratios(source, s.hidden, p, 1, None)), -p[0], -p[1]))
-        base = layer_cost(source, budget.metric, _shape(s, s.hidden, pair, 0), seq_len)
-        slope = layer_cost(source, budget.metric, _shape(s, s.hidden, pair, 1), seq_len) - base
+        base = budget.layer_cost(source, _shape(s, s.hidden, pair, 0), seq_len)
+        slope = budget.layer_cost(source, _shape(s, s.hidden, pair, 1), seq_len) - base
         f = min(grid.ffn, key=lambda v: (abs(base + slope * v - want), -v))
         heads.append(pair), ffn.append(f), per_neuron.append(slope), fixed.append(base)
     ffn = _close_gap(ffn, grid.ffn, fixed, per_neuron, wanted, budget.keep * sum(dense))

@@ -28,7 +28,7 @@ from megatron_prune.paths import check_not_input
 RECIPE_KEYS = ("vars", "steps")
 # the flags through which a step writes (checked against the recipe file itself)
 OUTPUT_FLAGS = {"convert": ("dst",), "score": ("out",), "plan": ("out",), "prune": ("out",),
-                "distill": ("out",), "report": ("out",), "eval": ("out",),
+                "sparsify": ("out",), "distill": ("out",), "report": ("out",), "eval": ("out",),
                 "data": ("output",)}  # fmt: skip
 
 POSITIONAL = {
@@ -38,6 +38,7 @@ POSITIONAL = {
     "score": ("checkpoint",),
     "plan": ("checkpoint",),
     "prune": ("checkpoint",),
+    "sparsify": ("checkpoint",),
     "data": ("action",),
     "distill": (),
     "report": ("dirs",),

@@ -13,6 +13,7 @@ the whole model, bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def broadcast_plan(plan: object) -> object:
     return box[0]
 
 
-def _local_layers(chunks: list[torch.nn.Module]) -> list[tuple[int, int]]:
+def local_layers(chunks: list[torch.nn.Module]) -> list[tuple[int, int]]:
     """(chunk index, global layer index) of every layer this rank holds."""
     return [
         (c, layer.layer_number - 1)
@@ -55,18 +56,28 @@ def prune_shards(
     reader: WholeTensorReader, plan: SurgeryPlan, chunks: list[torch.nn.Module]
 ) -> None:
     """Fill this rank's chunks of the pruned model, layer by layer, from the source checkpoint."""
-    local = _local_layers(chunks)
+    local = local_layers(chunks)
     for _, k in progress_bar(local, desc="pruning layers", unit="layer"):
         sources = {i: reader.read_layer(i) for i in plan.layers[k].sources}
         layer = prune_layer(plan, k, sources)
         del sources
         fill_parameters(chunks, {f"decoder.layers.{k}.{n}": t for n, t in layer.items()})
+    fill_non_layer(reader, chunks, lambda other: prune_other(plan, other))
+
+
+def fill_non_layer(
+    reader: WholeTensorReader,
+    chunks: list[torch.nn.Module],
+    transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda t: t,
+) -> None:
+    """Fill this rank's embedding, final norm and output layer from the source, through
+    ``transform`` (the embedding and output layer as this rank's block of vocabulary rows)."""
     wanted = {n for n in parameter_names(chunks) if not n.startswith("decoder.layers.")}
     if OUTPUT in wanted and OUTPUT not in reader.index:
         wanted = (wanted - {OUTPUT}) | {EMBEDDING}  # tied: the last stage's copy of the embedding
     names = sorted(n for n in wanted if n in reader.index)
     rows = {n: tp_rows(reader.index[n].shape[0]) for n in names if n in _VOCAB_ROWS}
-    other = prune_other(plan, reader.read(names, rows))
+    other = transform(reader.read(names, rows))
     filled = fill_parameters(chunks, other, already_sharded=frozenset(rows))
     missing = {n for n in parameter_names(chunks) - filled if not n.startswith("decoder.layers.")}
     if missing:

@@ -97,6 +97,12 @@ def direct_scores(model, arch, samples):
     out["head/minitron"], out["neuron/minitron"] = torch.stack(minih), torch.stack(minin)
     out["head/wanda"], out["neuron/wanda"] = torch.stack(wanda_h), torch.stack(wanda_n)
     out["head/flap"], out["neuron/flap"] = torch.stack(flap_h), torch.stack(flap_n)
+    h = arch.hidden_size
+    for key, source in (("qkv", "norm_out.input"), ("fc1", "norm_out.pre_mlp"),
+                        ("proj", "proj_in"), ("fc2", "fc2_in")):  # fmt: skip
+        columns = [torch.cat(cap[f"{source}.{i}"]) for i in range(L)]
+        out[f"input_norm/{key}"] = torch.stack([c.flatten(0, 1).norm(dim=0) for c in columns])
+    assert out["input_norm/qkv"].shape[1] == h
     out["layer/block_influence"] = torch.stack(bi)
     out["post_norm/attn_inv_rms"] = torch.stack(inv["attn"])
     out["post_norm/mlp_inv_rms"] = torch.stack(inv["mlp"])
