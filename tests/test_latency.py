@@ -102,27 +102,26 @@ def test_a_real_bench_table_calibrates_a_latency_plan(bench_table, tmp_path):
         assert record["achieved"]["flops"] != flops_record["achieved"]["flops"]
 
 
-@pytest.mark.parametrize(
-    "budget, table, message",
-    [
-        ("params=0.5", "TABLE", "calibrates latency budgets"),
-        ("latency=0.5", "MISSING", "does not exist"),
-        ("latency=0.5", "NOT_JSON", "is not JSON"),
-        ("latency=0.5", "NO_LAYERS", "no layer timings"),
-    ],
-)
-def test_bad_latency_tables_are_refused(bench_table, tmp_path, budget, table, message):
+def test_bad_latency_tables_are_refused(bench_table, tmp_path):
+    from megatron_prune import api
+    from megatron_prune.errors import UserError
+
     ckpt, good = bench_table
-    record = json.loads(good.read_text().splitlines()[0])
-    record.pop("layers")
-    paths = {"TABLE": good, "MISSING": tmp_path / "missing.jsonl",
-             "NOT_JSON": tmp_path / "bad.jsonl", "NO_LAYERS": tmp_path / "none.jsonl"}  # fmt: skip
-    paths["NOT_JSON"].write_text("prefill 12 ms\n")
-    paths["NO_LAYERS"].write_text(json.dumps(record) + "\n")
     out = tmp_path / "plan.yaml"
-    proc = cli("plan", str(ckpt), "--budget", budget, "--latency-table", str(paths[table]),
-               "--out", str(out))  # fmt: skip
+    proc = cli("plan", str(ckpt), "--budget", "params=0.5", "--latency-table", str(good),
+               "--out", str(out))  # as a user sees it
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert len(lines) == 1 and "calibrates latency budgets" in lines[0], proc.stderr
+    record = json.loads(good.read_text().splitlines()[0])
+    (tmp_path / "bad.jsonl").write_text("prefill 12 ms\n")
+    (tmp_path / "none.jsonl").write_text(json.dumps({**record, "layers": []}) + "\n")
+    other = {**record, "seq_len": 64}
+    (tmp_path / "mixed.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(other) + "\n")
+    cases = [("missing.jsonl", "does not exist"), ("bad.jsonl", "is not JSON"),
+             ("none.jsonl", "no layer timings"), ("mixed.jsonl", "mixes timings")]  # fmt: skip
+    for name, message in cases:
+        with pytest.raises(UserError, match=message):
+            api.check_plan(ckpt, None, out, budget="latency=0.5",
+                           latency_table=tmp_path / name)  # fmt: skip
     assert not out.exists()
