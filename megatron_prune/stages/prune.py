@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ from megatron_prune.checkpoint.partial import WholeTensorReader, open_reader
 from megatron_prune.checkpoint.sharding import fill_parameters, parameter_names, tp_rows
 from megatron_prune.checkpoint.sources import open_source, write_description
 from megatron_prune.log import log
+from megatron_prune.models.arch import ModelArch
 from megatron_prune.models.gpt import build_model
 from megatron_prune.progress import progress_bar
 from megatron_prune.surgery.prune import PruneOptions, SurgeryPlan, prune_layer, prune_other
@@ -99,23 +101,22 @@ def write_pruned(
     """Collective over every rank of the output layout: prune on the shards and save ``out``."""
     chunks = build_model(plan.arch, initialize=False, params_dtype=params_dtype)
     prune_shards(open_reader(checkpoint), plan, chunks)
+    save_derived(chunks, checkpoint, meta.tokenizer, plan.arch, out, layout_record, overwrite,
+                 scores=str(scores_dir), target=target_record, options=asdict(options),
+                 source_arch=meta.arch.to_dict(), kept_layers=plan.kept,
+                 dropped_layers=plan.dropped,
+                 clap_donors={str(k): v for k, v in plan.donors.items()})  # fmt: skip
+
+
+def save_derived(chunks: list[torch.nn.Module], checkpoint: Path, tokenizer: dict[str, Any],
+                 arch: ModelArch, out: Path, layout_record: dict, overwrite: bool,
+                 **how: Any) -> None:  # fmt: skip
+    """Collective: save the model made from ``checkpoint`` to ``out`` atomically, with its
+    description (``how`` it was made goes into the provenance) and the source's tokenizer."""
     with atomic_directory(out, overwrite) as scratch:
-        save_model_checkpoint(chunks, scratch, plan.arch, layout_record)
+        save_model_checkpoint(chunks, scratch, arch, layout_record)
         if torch.distributed.get_rank() == 0:
-            description = CheckpointMeta(
-                arch=plan.arch,
-                layout=layout_record,
-                tokenizer=meta.tokenizer,
-                provenance=provenance(
-                    f"megatron:{checkpoint}",
-                    scores=str(scores_dir),
-                    target=target_record,
-                    options=asdict(options),
-                    source_arch=meta.arch.to_dict(),
-                    kept_layers=plan.kept,
-                    dropped_layers=plan.dropped,
-                    clap_donors={str(k): v for k, v in plan.donors.items()},
-                ),
-            )
+            description = CheckpointMeta(arch=arch, layout=layout_record, tokenizer=tokenizer,
+                                         provenance=provenance(f"megatron:{checkpoint}", **how))
             write_description(scratch, description, open_source(str(checkpoint)))
     log(f"wrote {out}")

@@ -11,16 +11,12 @@ from pathlib import Path
 
 import torch
 
-from megatron_prune.checkpoint.atomic import atomic_directory
-from megatron_prune.checkpoint.megatron_io import save_model_checkpoint
-from megatron_prune.checkpoint.metadata import CheckpointMeta, provenance
+from megatron_prune.checkpoint.metadata import CheckpointMeta
 from megatron_prune.checkpoint.partial import WholeTensorReader, open_reader
 from megatron_prune.checkpoint.sharding import fill_parameters
-from megatron_prune.checkpoint.sources import open_source, write_description
-from megatron_prune.log import log
 from megatron_prune.models.gpt import build_model
 from megatron_prune.progress import progress_bar
-from megatron_prune.stages.prune import fill_non_layer, local_layers
+from megatron_prune.stages.prune import fill_non_layer, local_layers, save_derived
 from megatron_prune.surgery.masks import LINEARS, sparsify_layer
 
 
@@ -75,18 +71,6 @@ def write_sparsified(
     """Collective over every rank of the output layout: mask on the shards and save ``out``."""
     chunks = build_model(meta.arch, initialize=False, params_dtype=torch.float32)
     sparsify_shards(open_reader(checkpoint), plan, chunks)
-    with atomic_directory(out, overwrite) as scratch:
-        save_model_checkpoint(chunks, scratch, meta.arch, layout_record)
-        if torch.distributed.get_rank() == 0:
-            description = CheckpointMeta(
-                arch=meta.arch,
-                layout=layout_record,
-                tokenizer=meta.tokenizer,
-                provenance=provenance(
-                    f"megatron:{checkpoint}",
-                    scores=None if scores_dir is None else str(scores_dir),
-                    sparsity=plan.record(),
-                ),
-            )
-            write_description(scratch, description, open_source(str(checkpoint)))
-    log(f"wrote {out}")
+    save_derived(chunks, checkpoint, meta.tokenizer, meta.arch, out, layout_record, overwrite,
+                 scores=None if scores_dir is None else str(scores_dir),
+                 sparsity=plan.record())  # fmt: skip
