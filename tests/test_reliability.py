@@ -106,6 +106,13 @@ def _source_cases(t: Path) -> list[tuple[str, list[str], Path]]:
                                       str(tx)], tx),  # fmt: skip
         ("plan into its scores", ["plan", str(ck), "--scores", str(sc), "--budget", "params=0.5",
                                   "--out", str(sc / "plan.yaml")], sc),
+        ("plan onto its latency table", ["plan", str(ck), "--budget", "latency=0.5",
+                                         "--latency-table", str(tx), "--out", str(tx),
+                                         "--overwrite"], tx),  # fmt: skip
+        ("sparsify into its checkpoint", ["sparsify", str(ck), "--sparsity", "0.5", "--method",
+                                          "magnitude", "--out", str(ck / "sparse")], ck),
+        ("sparsify onto its scores", ["sparsify", str(ck), "--sparsity", "0.5", "--scores",
+                                      str(sc), "--out", str(sc), "--overwrite"], sc),
         ("distill over its student", ["distill", "--student", str(ck), "--data", str(t / "ds"),
                                       "--train-tokens", "16", "--lm-weight", "1", "--out", str(t),
                                       "--overwrite"],
