@@ -40,7 +40,7 @@ import torch
 TOOLS = Path(__file__).resolve().parent
 
 # The documented changes to pretrain_gpt.py (docs/megatron_lm.md, "The lines to add"), as
-# (line in Megatron-LM's script, what the docs put there). tests/test_megatron_lm_docs.py checks
+# (line in Megatron-LM's script, what the docs put there). tests/test_megatron_lm_training.py checks
 # that the docs show every replacement; this tool checks that the script has every original.
 DOCUMENTED_EDITS = (
     ("from model_provider import model_provider\n",
