@@ -354,7 +354,7 @@ def check_prune(checkpoint: str | Path, scores: str | Path, target: str | Path |
                 overwrite: bool = False):  # fmt: skip
     """Every check of :func:`prune` that needs no weights; returns (meta, target, scores)."""
     from megatron_prune.checkpoint.metadata import CheckpointMeta
-    from megatron_prune.importance.scoring import load_scores
+    from megatron_prune.importance.score_files import load_scores
     from megatron_prune.plan.target import load_target
     from megatron_prune.surgery.prune import PruneOptions, check_scores
 
@@ -425,11 +425,16 @@ def check_sparsify(checkpoint: str | Path, out: str | Path, *, scores: str | Pat
     import numpy as np
 
     from megatron_prune.checkpoint.metadata import CheckpointMeta
-    from megatron_prune.importance.scoring import load_scores
+    from megatron_prune.importance.score_files import load_scores
     from megatron_prune.plan.cost import layer_shapes, matmul_params
     from megatron_prune.plan.strategies import DEFAULT_ALPHA_EPS, block_alphas
-    from megatron_prune.stages.sparsify import SparsityPlan
-    from megatron_prune.surgery.masks import ALLOCATIONS, LINEARS, METHODS, layer_sparsities
+    from megatron_prune.surgery.masks import (
+        ALLOCATIONS,
+        LINEARS,
+        METHODS,
+        SparsityPlan,
+        layer_sparsities,
+    )
 
     layout = _layout(layout)
     if method not in METHODS:
@@ -513,7 +518,7 @@ def check_distill(student: str | Path, data: list[str], out: str | Path, *,
     from megatron_prune.checkpoint.atomic import OutputExistsError
     from megatron_prune.checkpoint.metadata import CheckpointMeta
     from megatron_prune.data.training import parse_blend
-    from megatron_prune.distill.loss import DistillLossConfig
+    from megatron_prune.distill.loss_config import DistillLossConfig
 
     layout = _layout(layout)
     loss = loss or DistillLossConfig()
@@ -583,7 +588,7 @@ def distill(student: str | Path, data: list[str], out: str | Path, *,
 
     from megatron_prune.data.tokenizer import load_tokenizer
     from megatron_prune.data.training import parse_blend
-    from megatron_prune.distill.loss import DistillLossConfig
+    from megatron_prune.distill.loss_config import DistillLossConfig
     from megatron_prune.distill.trainer import options_dict, resolve_precision, setup_run, train
     from megatron_prune.distributed import initialize, model_device
     from megatron_prune.log import is_rank0, log
@@ -678,7 +683,7 @@ def bench(checkpoints: list[str | Path] = (), shapes: list[str] = (), *, options
           overwrite: bool = False) -> list[dict[str, Any]]:  # fmt: skip
     """Time each model (checkpoint folders, then random weights of each ``shapes`` entry: a
     name from ``models.shapes.SHAPES`` or an arch YAML) at ``layout``: prefill, KV-cache decode
-    and training-step tokens/s, TFLOP/s and MFU (``options``: a ``bench.measure.BenchOptions``).
+    and training-step tokens/s, TFLOP/s and MFU (``options``: a ``bench.options.BenchOptions``).
     The first model is the reference of every ratio. ``precision`` auto: bf16 on an
     accelerator, fp32 on the CPU (or bf16, fp16, fp32); ``peak_tflops`` overrides the device's
     table entry. Returns one record per model (schema: :mod:`megatron_prune.bench.report`);

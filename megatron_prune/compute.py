@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from megatron_prune.errors import UserError
-from megatron_prune.models.attention import ATTENTION_BACKENDS
 
+# core attention: auto (fused SDPA where it is exact for the model), sdpa, or megatron-core's
+# local DotProductAttention (models/attention.py builds them)
+ATTENTION_BACKENDS = ("auto", "sdpa", "local")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 RECOMPUTE_GRANULARITIES = ("selective", "full")
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

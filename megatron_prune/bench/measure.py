@@ -29,40 +29,19 @@ from __future__ import annotations
 import functools
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
 
+from megatron_prune.bench.options import BenchOptions
 from megatron_prune.bench.timing import median, synchronize, time_calls
 from megatron_prune.evaluate.forward import forward_reduce
 from megatron_prune.models.arch import ModelArch
 
-PHASES = ("prefill", "decode", "train")
 OPTIMIZER = (
     "megatron-core get_megatron_optimizer Adam (DDP, grad clip 1.0, fp32 main params), LM loss"
 )
 DECODE_METHOD = "kv_cache (megatron.core StaticInferenceContext), greedy"
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    """What to time and how often."""
-
-    batch_size: int = 1
-    seq_len: int = 2048
-    micro_batch_size: int | None = None  # default: batch_size at PP=1, 1 with a pipeline
-    warmup: int = 2
-    iters: int = 5
-    decode_tokens: int = 32
-    phases: tuple[str, ...] = PHASES
-    layer_timings: bool = True
-
-    def micro_batch(self) -> int:
-        if self.micro_batch_size is not None:
-            return self.micro_batch_size
-        pp = parallel_state.get_pipeline_model_parallel_world_size()
-        return self.batch_size if pp == 1 else 1
 
 
 def slowest(seconds: float, device: torch.device) -> float:

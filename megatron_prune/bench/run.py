@@ -14,6 +14,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_prune.bench import flops, measure
+from megatron_prune.bench.options import PHASES, BenchOptions
 from megatron_prune.bench.peaks import device_name, peak_tflops
 from megatron_prune.bench.report import SCHEMA, phase_record
 from megatron_prune.distributed import ParallelLayout
@@ -44,7 +45,7 @@ def model_specs(checkpoints: list[str], shapes: list[str]) -> list[ModelSpec]:
     return specs
 
 
-def check_options(specs: list[ModelSpec], options: measure.BenchOptions,
+def check_options(specs: list[ModelSpec], options: BenchOptions,
                   layout: ParallelLayout) -> None:  # fmt: skip
     """Refuse options no model of the run can be timed with, before any model is built."""
     for name in ("batch_size", "seq_len", "iters", "decode_tokens"):
@@ -52,10 +53,10 @@ def check_options(specs: list[ModelSpec], options: measure.BenchOptions,
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if options.warmup < 0:
         raise UserError("--warmup must be >= 0")
-    unknown = sorted(set(options.phases) - set(measure.PHASES))
+    unknown = sorted(set(options.phases) - set(PHASES))
     if unknown or not options.phases:
         raise UserError(f"--phases {','.join(options.phases)}: choose from "
-                        f"{','.join(measure.PHASES)}")  # fmt: skip
+                        f"{','.join(PHASES)}")  # fmt: skip
     mbs = options.micro_batch_size
     if mbs is not None and (mbs < 1 or options.batch_size % mbs):
         raise UserError(f"--micro-batch-size {mbs} must divide --batch-size "
@@ -92,7 +93,7 @@ def build(spec: ModelSpec, layout: ParallelLayout, dtype: torch.dtype,
 
 
 def bench_model(spec: ModelSpec, chunks: list[torch.nn.Module], layout: ParallelLayout,
-                options: measure.BenchOptions, dtype: torch.dtype, backend: str,
+                options: BenchOptions, dtype: torch.dtype, backend: str,
                 peak_override: float | None) -> dict[str, Any]:  # fmt: skip
     """Time ``chunks`` (``spec``'s model) in every phase of ``options``; the record."""
     from megatron_prune.models.attention import core_attention_module

@@ -30,7 +30,6 @@ import torch
 
 from megatron_prune.checkpoint.metadata import CheckpointError
 from megatron_prune.checkpoint.partial import StoredTensor, WholeTensorReader
-from megatron_prune.checkpoint.sharding import join_shards
 from megatron_prune.models.arch import ModelArch
 
 _RANK_DIR = re.compile(r"^mp_rank_(\d+)(?:_(\d+))?$")
@@ -167,6 +166,8 @@ class LegacyTensors(Mapping[str, torch.Tensor]):
         tensors = [t.float() for t in self._shards(name)]
         if len(tensors) == 1 or self._tp == 1:
             return tensors[0]
+        from megatron_prune.checkpoint.sharding import join_shards  # imports megatron-core
+
         return join_shards(tensors, self._split_dim(name), name)
 
     def __iter__(self) -> Iterator[str]:

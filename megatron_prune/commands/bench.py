@@ -10,7 +10,7 @@ import json
 import sys
 
 from megatron_prune import api
-from megatron_prune.bench.measure import PHASES, BenchOptions
+from megatron_prune.bench.options import PHASES, BenchOptions
 from megatron_prune.compute import add_compute_args
 from megatron_prune.distributed import add_layout_args, layout_from_args
 from megatron_prune.models.shapes import SHAPES

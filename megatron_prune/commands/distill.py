@@ -81,8 +81,8 @@ def world_size_needed(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace):
-    from megatron_prune.distill.loss import DistillLossConfig
-    from megatron_prune.distill.trainer import TrainOptions
+    from megatron_prune.distill.loss_config import DistillLossConfig
+    from megatron_prune.distill.options import TrainOptions
 
     loss = DistillLossConfig(
         temperature=args.temperature, reverse=args.reverse_kl,

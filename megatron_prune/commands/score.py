@@ -14,7 +14,7 @@ __all__ = ["add_arguments", "run", "validate", "world_size_needed"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from megatron_prune.importance.scoring import ALL_METRICS, DEFAULT_METRICS
+    from megatron_prune.importance.metrics import ALL_METRICS, DEFAULT_METRICS
 
     add_checkpoint_args(parser)
     add_compute_args(parser)

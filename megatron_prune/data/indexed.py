@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy
 import torch
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from megatron_prune.data.tokenizer import Tokenizer
 from megatron_prune.errors import DataError
@@ -73,6 +72,8 @@ def build_indexed_dataset(
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_bin = prefix.with_name(prefix.name + ".bin.tmp")
     tmp_idx = prefix.with_name(prefix.name + ".idx.tmp")
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # heavy import
+
     builder = IndexedDatasetBuilder(str(tmp_bin), dtype=token_dtype(vocab))
     documents = tokens = 0
     try:

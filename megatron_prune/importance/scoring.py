@@ -33,16 +33,17 @@ from megatron_prune.importance.calibration import file_sha256, packed_samples
 from megatron_prune.importance.esd import MATRICES, esd_alpha, gram_eigenvalues, layer_matrices
 from megatron_prune.importance.finalize import finalize
 from megatron_prune.importance.hooks import ImportanceHooks, RankView, all_reduce_sum
+from megatron_prune.importance.metrics import ALL_METRICS, DEFAULT_METRICS
+from megatron_prune.importance.score_files import (  # noqa: F401 (load_scores: re-exported)
+    FORMAT_VERSION,
+    META_FILE,
+    SCORES_FILE,
+    load_scores,
+)
 from megatron_prune.log import is_rank0, log
 from megatron_prune.models.arch import ModelArch
 
-ACTIVATION_METRICS = ("channel", "head", "group", "neuron", "layer", "post_norm", "minitron",
-                      "wanda", "flap")  # fmt: skip
-ALL_METRICS = (*ACTIVATION_METRICS, "layer_ppl", "esd")
-DEFAULT_METRICS = ("channel", "head", "group", "neuron", "layer", "post_norm")
-SCORES_FILE, META_FILE = "scores.safetensors", "meta.json"
 PARTIAL_FILE, PARTIAL_META = "partial.safetensors", "partial.json"
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -257,36 +258,3 @@ def _write_scores(job: ScoreJob, scratch: Path, scores: dict[str, torch.Tensor],
     for name in (PARTIAL_FILE, PARTIAL_META):
         (scratch / name).unlink(missing_ok=True)
     publish_directory(scratch, Path(job.out))
-
-
-def load_scores(directory: str | Path, arch: ModelArch | None = None) -> dict[str, torch.Tensor]:
-    """Read a score folder; with ``arch``, refuse scores computed for another model."""
-    directory = Path(directory)
-    meta_path = directory / META_FILE
-    if not meta_path.is_file():
-        raise ScoreError(f"{directory} holds no scores ({META_FILE} missing)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ScoreError(f"{meta_path} is damaged ({err}): score again") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ScoreError(
-            f"{directory}: score format version {meta.get('format_version')} is not "
-            f"{FORMAT_VERSION} (written by another megatron-prune version): score again"
-        )
-    if arch is not None:
-        theirs = ModelArch.from_dict(meta["arch"])
-        if theirs != arch:
-            diff = {k: (v, getattr(arch, k)) for k, v in theirs.to_dict().items()
-                    if getattr(arch, k) != v}  # fmt: skip
-            raise ScoreError(
-                f"scores in {directory} were computed for a {theirs.family} model that differs "
-                f"from this {arch.family} checkpoint: {diff} (score this checkpoint first)"
-            )
-    scores_path = directory / SCORES_FILE
-    if not scores_path.is_file():
-        raise ScoreError(f"{directory} holds no scores ({SCORES_FILE} missing): score again")
-    try:
-        return load_file(str(scores_path))
-    except Exception as err:  # safetensors raises its own error types for short or bad files
-        raise ScoreError(f"{scores_path} is truncated or damaged ({err}): score again") from None

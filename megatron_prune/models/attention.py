@@ -27,8 +27,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_prune.compat import is_layer_window_attention, model_layer_number
-
-ATTENTION_BACKENDS = ("auto", "sdpa", "local")
+from megatron_prune.compute import ATTENTION_BACKENDS
 
 # npu_fusion_attention's sparse modes (torch_npu docs, "sparse_mode"): with these the kernel
 # builds causal / band masks itself from a compressed 2048 x 2048 upper-triangular mask.

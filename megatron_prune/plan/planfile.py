@@ -119,7 +119,7 @@ def check_plan_inputs(checkpoint: str | Path, scores: str | Path | None, out: st
                         "source model (its scores are [layers, units] tables)")  # fmt: skip
     table = None
     if scores is not None:
-        from megatron_prune.importance.scoring import load_scores
+        from megatron_prune.importance.score_files import load_scores
 
         table = load_scores(scores, meta.arch)
     _check_tyr_scores(tyr, table)

@@ -6,7 +6,6 @@ Peak memory per rank is its share of the model plus one source layer, as for ``p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,22 +16,7 @@ from megatron_prune.checkpoint.sharding import fill_parameters
 from megatron_prune.models.gpt import build_model
 from megatron_prune.progress import progress_bar
 from megatron_prune.stages.prune import fill_non_layer, local_layers, save_derived
-from megatron_prune.surgery.masks import LINEARS, sparsify_layer
-
-
-@dataclass(frozen=True)
-class SparsityPlan:
-    """What ``sparsify`` does: per-layer sparsities (source layer order), the method, and for
-    Wanda each linear layer's input column norms (``input_norm/<key>`` scores, [L, columns])."""
-
-    method: str
-    allocation: str
-    sparsities: list[float]
-    input_norms: dict[str, torch.Tensor] | None = None
-
-    def record(self) -> dict:
-        return {"method": self.method, "allocation": self.allocation,
-                "layer_sparsities": [round(s, 6) for s in self.sparsities]}  # fmt: skip
+from megatron_prune.surgery.masks import LINEARS, SparsityPlan, sparsify_layer
 
 
 def _layer_norms(plan: SparsityPlan, layer: int, tensors: dict) -> dict | None:

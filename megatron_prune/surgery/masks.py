@@ -17,6 +17,7 @@ on whole (unsharded) tensors, so the result is the same at every layout.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -83,3 +84,18 @@ def layer_sparsities(num_layers: int, sparsity: float, allocation: str,
 
     keep = alpha_keep_ratios(alphas, 1 - sparsity, eps, weights)
     return [float(s) for s in np.clip(1 - keep, 0.0, 1.0)]
+
+
+@dataclass(frozen=True)
+class SparsityPlan:
+    """What ``sparsify`` does: per-layer sparsities (source layer order), the method, and for
+    Wanda each linear layer's input column norms (``input_norm/<key>`` scores, [L, columns])."""
+
+    method: str
+    allocation: str
+    sparsities: list[float]
+    input_norms: dict[str, torch.Tensor] | None = None
+
+    def record(self) -> dict:
+        return {"method": self.method, "allocation": self.allocation,
+                "layer_sparsities": [round(s, 6) for s in self.sparsities]}  # fmt: skip
