@@ -422,19 +422,10 @@ def check_sparsify(checkpoint: str | Path, out: str | Path, *, scores: str | Pat
                    alpha_eps: float | None = None, layout: ParallelLayout | None = None,
                    overwrite: bool = False):  # fmt: skip
     """Every check of :func:`sparsify` that needs no weights; returns (meta, SparsityPlan)."""
-    import numpy as np
-
     from megatron_prune.checkpoint.metadata import CheckpointMeta
     from megatron_prune.importance.score_files import load_scores
-    from megatron_prune.plan.cost import layer_shapes, matmul_params
-    from megatron_prune.plan.strategies import DEFAULT_ALPHA_EPS, block_alphas
-    from megatron_prune.surgery.masks import (
-        ALLOCATIONS,
-        LINEARS,
-        METHODS,
-        SparsityPlan,
-        layer_sparsities,
-    )
+    from megatron_prune.plan.strategies import DEFAULT_ALPHA_EPS
+    from megatron_prune.surgery.masks import ALLOCATIONS, METHODS, plan_sparsity
 
     layout = _layout(layout)
     if method not in METHODS:
@@ -450,24 +441,10 @@ def check_sparsify(checkpoint: str | Path, out: str | Path, *, scores: str | Pat
     meta = CheckpointMeta.read(checkpoint)
     meta.arch.check_layout(layout.tp, layout.pp, layout.vpp)
     table = {} if scores is None else load_scores(scores, meta.arch)
-    norms = None
-    if method == "wanda":
-        missing = [f"input_norm/{k}" for k in LINEARS if f"input_norm/{k}" not in table]
-        if missing:
-            raise UserError(f"--scores {scores} has no {', '.join(missing)}: score again with "
-                            "`--metrics wanda` (it adds the input norms unstructured Wanda "
-                            "needs)")  # fmt: skip
-        norms = {k: table[f"input_norm/{k}"] for k in LINEARS}
-    arch = meta.arch
-    alphas = block_alphas(table) if allocation == "alpha" else None
-    weights = [matmul_params(arch, s) for s in layer_shapes(arch)]  # the masked matrices
     eps = DEFAULT_ALPHA_EPS if alpha_eps is None else alpha_eps
-    sparsities = layer_sparsities(arch.num_layers, sparsity, allocation, alphas, eps, weights)
-    achieved = float(np.average(sparsities, weights=weights))
-    if abs(achieved - sparsity) > 1e-6:  # the mapping guarantees the mean; a miss is a bug
-        raise RuntimeError(f"per-layer sparsities average {achieved}, not {sparsity}")
-    check_free_space(out, checkpoint_bytes(arch, "fp32"), "the sparsified checkpoint")
-    return meta, SparsityPlan(method, allocation, sparsities, norms)
+    plan = plan_sparsity(meta.arch, table, sparsity, method, allocation, eps, scores_label=scores)
+    check_free_space(out, checkpoint_bytes(meta.arch, "fp32"), "the sparsified checkpoint")
+    return meta, plan
 
 
 def sparsify(checkpoint: str | Path, out: str | Path, *, scores: str | Path | None = None,

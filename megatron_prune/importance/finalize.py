@@ -45,8 +45,8 @@ def finalize(
         act = sums["proj_in.sq_sum"].sqrt()
         out["head/wanda"] = (act * sums["proj_w.abs_colsum"]).view(L, n, d).sum(-1)
         out["neuron/wanda"] = sums["fc2_in.sq_sum"].sqrt() * sums["fc2_w.abs_colsum"]
-    for key in ("qkv", "fc1", "proj", "fc2"):
-        if "qkv_in.sq_sum" in sums:  # wanda: every block linear's input column norms
+    if "qkv_in.sq_sum" in sums:  # wanda: every block linear's input column norms
+        for key in ("qkv", "fc1", "proj", "fc2"):
             out[f"input_norm/{key}"] = sums[f"{key}_in.sq_sum"].sqrt()
     if "proj_w.sq_colsum" in sums:
         for key, name in (("proj", "head"), ("fc2", "neuron")):

@@ -257,9 +257,9 @@ class ImportanceHooks:
             y = output.detach().float()  # [s, b, h]
             if self.view.adds_hidden_stats and "channel" in metrics:
                 self._add("channel.abs_sum", (slice(None),), _abs_sum(y))
-            linear_input = _NORM_FEEDS.get(kind)
-            if self.view.adds_hidden_stats and f"{linear_input}.sq_sum" in self.shapes:
-                self._add(f"{linear_input}.sq_sum", (i,), _sq_sum(y))
+            fed = f"{_NORM_FEEDS[kind]}.sq_sum" if kind in _NORM_FEEDS else None
+            if self.view.adds_hidden_stats and fed in self.shapes:
+                self._add(fed, (i,), _sq_sum(y))
             if "minitron" in metrics:  # mean |y| over the sequence, then L2 over samples
                 per_sample = self._tp_sum(y.abs().sum(0)) / self.seq_len  # [b, h]
                 if self.view.tp_rank == 0:  # whole-sequence values now on every TP rank

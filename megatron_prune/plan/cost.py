@@ -120,12 +120,18 @@ def layer_params(arch: ModelArch, s: LayerShape) -> float:
     return matmul_params(arch, s) + extra
 
 
-def layer_flops(arch: ModelArch, s: LayerShape, seq_len: int) -> float:
-    """Forward FLOPs per token of a block at sequence length ``seq_len``."""
+def attention_span(arch: ModelArch, s: LayerShape, seq_len: int) -> float:
+    """``s_eff * n * d``: the keys each query meets (window-limited on sliding-window layers)
+    times the block's query width, what QK^T and AV cost per token up to a constant."""
     window = seq_len
     if s.local and arch.sliding_window is not None:
         window = min(seq_len, arch.sliding_window)
-    return 2 * matmul_params(arch, s) + 4 * window * s.heads * arch.head_dim
+    return window * s.heads * arch.head_dim
+
+
+def layer_flops(arch: ModelArch, s: LayerShape, seq_len: int) -> float:
+    """Forward FLOPs per token of a block at sequence length ``seq_len``."""
+    return 2 * matmul_params(arch, s) + 4 * attention_span(arch, s, seq_len)
 
 
 def layer_cost(arch: ModelArch, metric: str, s: LayerShape, seq_len: int) -> float:

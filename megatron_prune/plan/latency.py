@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from megatron_prune.bench.report import SCHEMA
 from megatron_prune.errors import UserError
 from megatron_prune.models.arch import ModelArch
 
-SCHEMA = "megatron_prune.bench/1"  # bench.report.SCHEMA: the records this reads
 FORMS = ("constant+matmul+attention", "constant+flops", "flops")
 
 
@@ -60,13 +60,10 @@ class LatencyModel:
 
 
 def _features(form: str, arch: ModelArch, s: Any, seq_len: int) -> list[float]:
-    from megatron_prune.plan.cost import layer_flops, matmul_params
+    from megatron_prune.plan.cost import attention_span, layer_flops, matmul_params
 
-    window = seq_len
-    if s.local and arch.sliding_window is not None:
-        window = min(seq_len, arch.sliding_window)
     values = {"constant": 1.0, "matmul": matmul_params(arch, s),
-              "attention": window * s.heads * arch.head_dim,
+              "attention": attention_span(arch, s, seq_len),
               "flops": layer_flops(arch, s, seq_len)}  # fmt: skip
     return [float(values[name]) for name in form.split("+")]
 
@@ -124,19 +121,14 @@ def fit_latency(path: str | Path) -> LatencyModel:
     seq_len, micro = records[0]["seq_len"], records[0]["micro_batch_size"]
     distinct = len({(a.head_dim, a.sliding_window, s) for a, s, _ in rows})
     ms = np.array([t for _, _, t in rows])
-    for form in FORMS:
-        names = form.split("+")
-        if len(names) > distinct:
+    for form in FORMS:  # the last, "flops" alone, is always taken when reached
+        if len(form.split("+")) > distinct:
             continue
         x = np.array([_features(form, a, s, seq_len) for a, s, _ in rows])
         scale = np.abs(x).max(0)
         coef = np.linalg.lstsq(x / scale, ms, rcond=None)[0] / scale
-        if (coef >= 0).all() and coef[-1] > 0:
+        if form == FORMS[-1] or ((coef >= 0).all() and coef[-1] > 0):
             break
-    else:  # "flops" alone: one non-negative coefficient, always defined
-        x = np.array([_features("flops", a, s, seq_len) for a, s, _ in rows])
-        coef = np.array([float(np.dot(x[:, 0], ms) / np.dot(x[:, 0], x[:, 0]))])
-        form = "flops"
     error = float(np.max(np.abs(x @ coef - ms) / ms))
     return LatencyModel(form, tuple(float(c) for c in coef), int(seq_len), int(micro),
                         str(path), tuple(sorted({str(r.get("device")) for r in records})),

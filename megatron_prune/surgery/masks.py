@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from megatron_prune.errors import UserError
+from megatron_prune.models.arch import ModelArch
 from megatron_prune.surgery.state import FC1, FC2, PROJ, QKV
 
 METHODS = ("magnitude", "wanda")
@@ -99,3 +100,29 @@ class SparsityPlan:
     def record(self) -> dict:
         return {"method": self.method, "allocation": self.allocation,
                 "layer_sparsities": [round(s, 6) for s in self.sparsities]}  # fmt: skip
+
+
+def plan_sparsity(arch: ModelArch, scores: Mapping[str, torch.Tensor], sparsity: float,
+                  method: str, allocation: str, eps: float,
+                  scores_label: object = None) -> SparsityPlan:  # fmt: skip
+    """The plan for ``arch`` from its score table: per-layer sparsities (their mean, weighted by
+    each layer's matrix weights, is ``sparsity``) and, for ``wanda``, the input norms; a score
+    table without what the method or allocation needs is refused (``scores_label`` names it)."""
+    from megatron_prune.plan.cost import layer_shapes, matmul_params
+    from megatron_prune.plan.strategies import block_alphas
+
+    norms = None
+    if method == "wanda":
+        missing = [f"input_norm/{k}" for k in LINEARS if f"input_norm/{k}" not in scores]
+        if missing:
+            raise UserError(f"--scores {scores_label} has no {', '.join(missing)}: score again "
+                            "with `--metrics wanda` (it adds the input norms unstructured Wanda "
+                            "needs)")  # fmt: skip
+        norms = {k: scores[f"input_norm/{k}"] for k in LINEARS}
+    alphas = block_alphas(scores) if allocation == "alpha" else None
+    weights = [matmul_params(arch, s) for s in layer_shapes(arch)]  # the masked matrices
+    sparsities = layer_sparsities(arch.num_layers, sparsity, allocation, alphas, eps, weights)
+    achieved = float(np.average(sparsities, weights=weights))
+    if abs(achieved - sparsity) > 1e-6:  # the mapping guarantees the mean; a miss is a bug
+        raise RuntimeError(f"per-layer sparsities average {achieved}, not {sparsity}")
+    return SparsityPlan(method, allocation, sparsities, norms)
