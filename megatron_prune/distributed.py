@@ -92,24 +92,19 @@ def init_torch_distributed(accel: Accelerator) -> None:
     if torch.distributed.is_initialized():
         return
     rank, local_rank, world = world_from_env()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    store = None
     if "MASTER_PORT" not in os.environ:
         if world > 1:
             raise UserError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch under torchrun")
-        os.environ["MASTER_PORT"] = str(_free_port())
+        # a world of one needs no rendezvous: an in-process store, so no TCP port is picked
+        # (a port found free and bound a moment later can be taken by a parallel run)
+        store = torch.distributed.HashStore()
     if accel.kind == "cuda":
         torch.cuda.set_device(local_rank)
     elif accel.kind == "npu":
         torch.npu.set_device(local_rank)  # type: ignore[attr-defined]
-    torch.distributed.init_process_group(backend=accel.backend, rank=rank, world_size=world)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    torch.distributed.init_process_group(backend=accel.backend, store=store, rank=rank,
+                                         world_size=world)  # fmt: skip
 
 
 def initialize(layout: ParallelLayout, device: str | None = None, seed: int = 1234) -> Accelerator:
