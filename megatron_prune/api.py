@@ -306,32 +306,37 @@ def check_plan(checkpoint: str | Path, scores: str | Path | None, out: str | Pat
                budget: str, strategy: str = "uniform", tp: int = 1, pp: int = 1,
                prune: str | tuple[str, ...] | None = None, alpha_eps: float = 0.3,
                seq_len: int = 2048, overwrite: bool = False, data: str | Path | None = None,
-               tyr=None, resume: bool = False,
-               latency_table: str | Path | None = None):  # fmt: skip
+               tyr=None, resume: bool = False, latency_table: str | Path | None = None,
+               layout: ParallelLayout | None = None):  # fmt: skip
     """Every check of :func:`plan`; returns the checked ``PlanInputs``."""
     from megatron_prune.plan.planfile import check_plan_inputs
 
     check_not_input(out, "--out", {"CHECKPOINT": checkpoint, "--scores": scores, "--data": data,
                                    "--latency-table": latency_table})  # fmt: skip
-    return check_plan_inputs(checkpoint, scores, out, budget=budget, strategy=strategy, tp=tp,
-                             pp=pp, prune=prune, alpha_eps=alpha_eps, seq_len=seq_len,
-                             overwrite=overwrite, data=data, tyr=tyr, resume=resume,
-                             latency_table=latency_table)  # fmt: skip
+    inputs = check_plan_inputs(checkpoint, scores, out, budget=budget, strategy=strategy, tp=tp,
+                               pp=pp, prune=prune, alpha_eps=alpha_eps, seq_len=seq_len,
+                               overwrite=overwrite, data=data, tyr=tyr, resume=resume,
+                               latency_table=latency_table)  # fmt: skip
+    if strategy == "tyr":  # the search loads the dense model at its layout
+        layout = _layout(layout)
+        inputs.source.check_layout(layout.tp, layout.pp, layout.vpp)
+    return inputs
 
 
 def plan(checkpoint: str | Path, scores: str | Path | None, out: str | Path, *, budget: str,
          strategy: str = "uniform", tp: int = 1, pp: int = 1,
          prune: str | tuple[str, ...] | None = None, alpha_eps: float = 0.3,
          seq_len: int = 2048, overwrite: bool = False, data: str | Path | None = None,
-         tyr=None, resume: bool = False,
-         latency_table: str | Path | None = None):  # fmt: skip
+         tyr=None, resume: bool = False, latency_table: str | Path | None = None,
+         layout: ParallelLayout | None = None, device: str | None = None):  # fmt: skip
     """Allocate ``budget`` (``"params=0.5"``: keep half of the blocks' parameters; ``flops=``,
     ``latency=`` likewise) over the layers of ``checkpoint`` with ``strategy`` (``uniform``;
     ``alpha``: AlphaPruning from the ESD alphas in ``scores``; ``tyr``: Tyr-the-Pruner's search
     on calibration text ``data``, with ``tyr`` a ``plan.tyr.job.TyrSettings``), and write the
     target ``prune`` takes to ``out``, valid at ``tp`` x ``pp``. uniform and alpha read no
-    weights and need no torch.distributed; tyr loads the model in a world of one and keeps its
-    supernet and search state in ``OUT.tyr/`` (``resume``: continue there).
+    weights and need no torch.distributed; tyr searches with the dense model at ``layout``
+    (default: a world of one; every rank of the layout calls this; ``device``: where) and keeps
+    its supernet and search state in ``OUT.tyr/`` (``resume``: continue there).
     ``prune``: the dimensions that may shrink (default ``ffn,heads``). ``latency_table``: a
     ``bench --out`` file whose layer timings calibrate a ``latency=`` budget (analytic
     otherwise). Returns the ``Plan``."""
@@ -340,9 +345,10 @@ def plan(checkpoint: str | Path, scores: str | Path | None, out: str | Path, *, 
     inputs = check_plan(checkpoint, scores, out, budget=budget, strategy=strategy, tp=tp, pp=pp,
                         prune=prune, alpha_eps=alpha_eps, seq_len=seq_len,
                         overwrite=overwrite, data=data, tyr=tyr, resume=resume,
-                        latency_table=latency_table)  # fmt: skip
-    result = make_plan(inputs)
-    write_plan(result, out)
+                        latency_table=latency_table, layout=layout)  # fmt: skip
+    result = make_plan(inputs, layout, device)
+    if strategy != "tyr" or torch.distributed.get_rank() == 0:
+        write_plan(result, out)
     return result
 
 

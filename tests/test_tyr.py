@@ -2,7 +2,8 @@
 lowers the reconstruction error, query groups stay balanced), the search (every mutation keeps
 the budget exactly; same seed, same result; a resumed search equals an uninterrupted one), and
 plans made on a tiny real model, valid for ``prune`` at TP=1 and TP=2, with expectation error
-accumulation on and off. The model runs in this process (a world of one)."""
+accumulation on and off, and the same plan when the search runs at TP=2 or at PP=2 x VPP=2 x
+DP=2 (under the CLI's own launcher, gloo) as in a world of one."""
 
 import json
 
@@ -22,6 +23,7 @@ from megatron_prune.plan.target import load_target
 from megatron_prune.plan.tyr import local_pruner as lp
 from megatron_prune.plan.tyr.job import TyrSettings, search_space
 from megatron_prune.plan.tyr.search import SearchConfig, Space, evolve, mutate
+from tests.helpers import cli
 from tests.tiny_models import make_hf_model, random_scores, save_hf_model, save_word_tokenizer
 
 SMOL = ModelArch(family="llama", num_layers=30, hidden_size=576, ffn_hidden_size=1536,
@@ -166,7 +168,7 @@ SMALL = TyrSettings(samples=4, seq_len=32, iterations=2, generations=3, offsprin
                     stages=((1, 2), (2, 1)), step=0.25)  # fmt: skip
 
 
-@pytest.mark.parametrize("tp,accumulate", [(1, True), (2, True), (1, False)])
+@pytest.mark.parametrize("tp,accumulate", [(1, True), (1, False)])
 def test_tyr_plans_are_valid_for_prune_and_meet_the_budget(tiny, tp, accumulate):
     tmp, arch = tiny
     out = tmp / f"plan_tp{tp}{'' if accumulate else '_plain'}.yaml"
@@ -199,19 +201,53 @@ def test_tyr_plans_are_valid_for_prune_and_meet_the_budget(tiny, tp, accumulate)
     assert found["statistics_tokens"] == 4 * 32 * (arch.num_layers if accumulate else 1)
 
 
+SMALL_FLAGS = ["--tyr-samples", "4", "--tyr-seq-len", "32", "--tyr-iterations", "2",
+               "--tyr-generations", "3", "--tyr-offspring", "4", "--tyr-stages", "1:2,2:1",
+               "--tyr-step", "0.25"]  # fmt: skip  # = SMALL
+
+
+def _strip(path):
+    return {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "plan"}
+
+
+@pytest.mark.parametrize("name,layout,accumulate,searched_at", [
+    ("tp2", ["--tp", "2"], True, {"tp": 2, "pp": 1, "vpp": None, "dp": 1}),
+    ("pp2_vpp2_dp2", ["--pp", "2", "--vpp", "2", "--nproc-per-node", "4"], False,
+     {"tp": 1, "pp": 2, "vpp": 2, "dp": 2})])  # fmt: skip
+def test_search_gives_the_same_plan_at_every_layout(tiny, name, layout, accumulate, searched_at):
+    """The search at TP=2 (statistics gathered over TP, variants sharded by input columns), and
+    at PP=2 x VPP=2 x DP=2 (layers on two stages, calibration windows split over two replicas,
+    one of them idle on the one-window stage), ends at the plan and the KLs of the world of one.
+    The tiny model's grids of valid widths are the same at TP=1 and TP=2 (FFN step 2, two query
+    groups)."""
+    tmp, arch = tiny
+    reference = tmp / ("plan_tp1.yaml" if accumulate else "plan_tp1_plain.yaml")
+    if not reference.is_file():
+        pytest.skip("needs the plans of the test above")
+    out = tmp / f"plan_{name}.yaml"
+    proc = cli("plan", str(tmp / "ckpt"), "--budget", "params=0.5", "--strategy", "tyr",
+               "--data", str(tmp / "calib.txt"), "--out", str(out), *SMALL_FLAGS, *layout,
+               *([] if accumulate else ["--no-error-accumulation"]))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert _strip(out) == _strip(reference)
+    found, ref = (yaml.safe_load(p.read_text())["plan"]["tyr"] for p in (out, reference))
+    assert found["searched_at"] == {**searched_at, "sequence_parallel": False}
+    for key in ("kl_uniform", "kl_found"):
+        assert found[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6)
+    assert found["evaluations"] == ref["evaluations"]
+    load_target(out, arch, tp=2)
+
+
 def test_same_seed_same_plan_and_resume(tiny):
-    """The search runs in a world of one, and the tiny model's grids of valid widths are the
-    same at TP=1 and TP=2 (FFN step 2, two query groups): the plans are then equal too."""
     tmp, _ = tiny
     first = tmp / "plan_tp1.yaml"
-    if not (first.is_file() and (tmp / "plan_tp2.yaml").is_file()):
+    if not first.is_file():
         pytest.skip("needs the plans of the test above")
     again = tmp / "again.yaml"
     api.plan(tmp / "ckpt", None, again, budget="params=0.5", strategy="tyr", tp=1,
              data=tmp / "calib.txt", tyr=SMALL)  # fmt: skip
-    strip = lambda p: {k: v for k, v in yaml.safe_load(p.read_text()).items() if k != "plan"}  # noqa: E731
-    assert strip(again) == strip(first) == strip(tmp / "plan_tp2.yaml")
-    assert strip(first) != strip(tmp / "plan_tp1_plain.yaml")  # accumulation changes the plan
+    assert _strip(again) == _strip(first)
+    assert _strip(first) != _strip(tmp / "plan_tp1_plain.yaml")  # accumulation changes the plan
     # a finished search resumed from its state file ends where it ended
     resumed = tmp / "again2.yaml"
     (tmp / "again2.yaml.tyr").mkdir()
@@ -221,7 +257,7 @@ def test_same_seed_same_plan_and_resume(tiny):
     (tmp / "again2.yaml.tyr" / "supernet").symlink_to(tmp / "again.yaml.tyr" / "supernet")
     api.plan(tmp / "ckpt", None, resumed, budget="params=0.5", strategy="tyr", tp=1,
              data=tmp / "calib.txt", tyr=SMALL, resume=True)  # fmt: skip
-    assert strip(resumed) == strip(first)
+    assert _strip(resumed) == _strip(first)
 
 
 def test_tyr_refusals(tiny):
@@ -239,23 +275,31 @@ def test_tyr_refusals(tiny):
 
 
 def test_cli_tyr_flags(tiny):
-    from megatron_prune.cli import main
+    """Every tyr flag reaches the settings (the runs above go through the CLI too); a bad one is
+    refused before any rank starts."""
+    from megatron_prune.cli import build_parser, main
+    from megatron_prune.commands.plan import _kwargs, world_size_needed
 
-    tmp, arch = tiny
-    out = tmp / "cli.yaml"
+    tmp, _ = tiny
     base = ["plan", str(tmp / "ckpt"), "--budget", "flops=0.6", "--seq-len", "64", "--strategy",
-            "tyr", "--data", str(tmp / "calib.txt"), "--out", str(out)]  # fmt: skip
+            "tyr", "--data", str(tmp / "calib.txt"), "--out", str(tmp / "cli.yaml")]  # fmt: skip
     assert main([*base, "--tyr-stages", "two"]) == 2
-    assert main([*base, "--tyr-samples", "2", "--tyr-seq-len", "16", "--tyr-stages", "1:2,2:1",
-                 "--tyr-iterations", "1", "--tyr-generations", "2", "--tp", "2",
-                 "--no-error-accumulation", "--no-refit", "--tyr-local-pruner", "scores",
-                 "--scores", str(tmp / "scores")]) == 0  # fmt: skip
-    record = yaml.safe_load(out.read_text())["plan"]
-    assert record["tyr"]["settings"]["refit"] is False
-    assert record["tyr"]["settings"]["local_pruner"] == "scores"
-    assert record["tyr"]["settings"]["error_accumulation"] is False
-    assert abs(record["achieved"]["flops"] / 0.6 - 1) <= 0.01
-    load_target(out, arch, tp=2)
+    assert main([*base, "--tp", "3"]) == 2  # 8 heads in 2 groups do not split over 3 ranks
+    args = build_parser().parse_args([
+        *base, "--tyr-samples", "2", "--tyr-seq-len", "16", "--tyr-stages", "1:2,2:1",
+        "--tyr-iterations", "1", "--tyr-generations", "2", "--tyr-offspring", "3",
+        "--tyr-seed", "7", "--tyr-step", "0.5", "--tyr-max-sparsity", "0.5", "--tp", "2",
+        "--pp", "2", "--vpp", "2", "--no-error-accumulation", "--no-refit",
+        "--tyr-local-pruner", "scores"])  # fmt: skip
+    kwargs = _kwargs(args)
+    assert kwargs["tyr"] == TyrSettings(samples=2, seq_len=16, seed=7, iterations=1,
+                                        generations=2, offspring=3, stages=((1, 2), (2, 1)),
+                                        step=0.5, max_sparsity=0.5, error_accumulation=False,
+                                        refit=False, local_pruner="scores")  # fmt: skip
+    assert kwargs["layout"] == api.ParallelLayout(tp=2, pp=2, vpp=2)
+    assert world_size_needed(args) == 4
+    uniform = build_parser().parse_args([*base[:6], "--out", "x.yaml", "--tp", "2"])
+    assert world_size_needed(uniform) == 1  # uniform is arithmetic on the config
 
 
 def test_scores_local_pruner_makes_prunes_layers(tmp_path):

@@ -1,6 +1,7 @@
 """``megatron-prune plan CKPT --scores DIR --budget params=0.5 --strategy uniform|alpha|tyr
---out PLAN.yaml``: a pruning target from a budget (uniform and alpha read no weights and need no
-torch.distributed; tyr loads the model in the launcher process, a world of one). Then
+--out PLAN.yaml``: a pruning target from a budget, valid at ``--tp`` x ``--pp``. uniform and
+alpha read no weights and run in the launcher process; tyr searches with the dense model at
+that layout (tp x pp ranks, times DP with ``--nproc-per-node``). Then
 ``megatron-prune prune CKPT --scores DIR --target PLAN.yaml``."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_prune import api
+from megatron_prune.distributed import add_layout_args, layout_from_args
 from megatron_prune.plan.cost import DEFAULT_SEQ_LEN, METRICS
 from megatron_prune.plan.strategies import DEFAULT_ALPHA_EPS, DEFAULT_DIMS, DIMS, STRATEGIES
 from megatron_prune.plan.tyr.job import TyrSettings, parse_stages
@@ -71,9 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "%(default)s)")  # fmt: skip
     tyr.add_argument("--resume", action="store_true",
                      help="continue the search kept in OUT.tyr/ (same settings)")
-    group = parser.add_argument_group("the layout the pruned model must run at")
-    group.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1)
-    group.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1)
+    # the layout the pruned model must run at, and where tyr's search runs
+    add_layout_args(parser)
 
 
 def _kwargs(args: argparse.Namespace) -> dict:
@@ -88,11 +89,13 @@ def _kwargs(args: argparse.Namespace) -> dict:
     return dict(budget=args.budget, strategy=args.strategy, tp=args.tp, pp=args.pp,
                 prune=args.prune, alpha_eps=args.alpha_eps, seq_len=args.seq_len,
                 overwrite=args.overwrite, data=args.data, tyr=tyr,
-                resume=args.resume, latency_table=args.latency_table)  # fmt: skip
+                resume=args.resume, latency_table=args.latency_table,
+                layout=layout_from_args(args) if tyr else None)  # fmt: skip
 
 
 def world_size_needed(args: argparse.Namespace) -> int:
-    return 1  # arithmetic on the metadata (tyr: a world of one), whatever --tp/--pp say
+    """tyr searches at the layout; uniform and alpha are arithmetic on the metadata."""
+    return args.tp * args.pp if args.strategy == "tyr" else 1
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -102,5 +105,6 @@ def validate(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     from megatron_prune.log import log
 
-    result = api.plan(args.checkpoint, args.scores, args.out, **_kwargs(args))
+    device = args.device if args.strategy == "tyr" else None
+    result = api.plan(args.checkpoint, args.scores, args.out, **_kwargs(args), device=device)
     log(f"plan {args.out}: {result.record['achieved']}")

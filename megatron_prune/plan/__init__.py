@@ -10,6 +10,7 @@
 
 * ``tyr/``: Tyr-the-Pruner's supernet and evolutionary search (``--strategy tyr``).
 
-Only ``tyr`` needs weights (it loads the model in a world of one); the rest is arithmetic, so
-``plan`` runs in the launcher process. ``surgery/`` imports from here, never the other way round.
+Only ``tyr`` needs weights (it loads the model at the run's layout, one rank per shard); the
+rest is arithmetic, so ``plan`` runs it in the launcher process. ``surgery/`` imports from here,
+never the other way round.
 """

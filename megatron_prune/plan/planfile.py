@@ -220,9 +220,10 @@ def plan_fractions(source: ModelArch, target: dict[str, Any], seq_len: int,
     return {k: round(float(v), 6) for k, v in out.items()}
 
 
-def make_plan(inputs: PlanInputs) -> Plan:
+def make_plan(inputs: PlanInputs, layout=None, device: str | None = None) -> Plan:
     """Run the strategy, validate the target as ``prune`` will (``load_target`` at the layout)
-    and check the budget by the cost model."""
+    and check the budget by the cost model. ``layout`` (a ``ParallelLayout``) and ``device``:
+    where tyr's search runs (every rank of the layout calls this)."""
     from megatron_prune import __version__
 
     i = inputs
@@ -234,7 +235,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
 
         out = i.out or Path("plan.yaml")
         target, extra["tyr"] = run_tyr(i, i.tyr, i.data, out.with_name(out.name + ".tyr"),
-                                       i.resume)  # fmt: skip
+                                       i.resume, layout, device)  # fmt: skip
     else:
         target = strategies.alpha(i.source, i.budget, i.scores or {}, i.dims, i.tp, i.pp,
                                   i.seq_len, i.alpha_eps)  # fmt: skip

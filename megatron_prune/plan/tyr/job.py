@@ -1,5 +1,6 @@
 """``plan --strategy tyr``: calibration statistics, the supernet, and the search, on the dense
-model in this process (a world of one).
+model at the run's layout (TP x PP x DP; a world of one by default; :mod:`ranks` says where
+each part of the work lives).
 
 1. The uniform plan is the start, so the budget holds before the search and (every move being
    budget-neutral) after it.
@@ -23,6 +24,7 @@ from it when the settings match.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 import time
@@ -33,6 +35,7 @@ import torch
 
 from megatron_prune.errors import UserError
 from megatron_prune.plan.cost import Budget
+from megatron_prune.plan.tyr.ranks import SearchRanks
 from megatron_prune.plan.tyr.search import Allocation, SearchConfig, Space, coarse_step, evolve
 from megatron_prune.plan.tyr.supernet import LOCAL_PRUNERS, Supernet
 
@@ -133,31 +136,37 @@ def _layers(model) -> dict[int, torch.nn.Module]:
     return {layer.layer_number - 1: layer for c in model.chunks for layer in c.decoder.layers}
 
 
-def collect_grams(model, windows: torch.Tensor, layers: list[int]) -> dict[str, torch.Tensor]:
-    """fp64 X^T X of the proj and fc2 inputs of ``layers`` over ``windows`` (collective over the
-    world: each rank adds its own windows)."""
+def collect_grams(model, windows: torch.Tensor, layers: list[int],
+                  ranks: SearchRanks) -> dict[str, torch.Tensor]:  # fmt: skip
+    """fp64 X^T X of the proj and fc2 inputs of ``layers`` over ``windows`` (this DP replica's
+    share of the calibration windows), on each layer's owner only (collective over the world).
+
+    A row-parallel input is sharded over TP by columns; each TP rank gathers the whole input and
+    adds its own block of rows (its columns against all), so the owner's sum is the Gram the
+    unsplit model gives."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region as gather
+
     from megatron_prune.evaluate.forward import forward_reduce
     from megatron_prune.importance.hooks import Sums
 
     arch = model.arch
-    by_index = _layers(model)
-    nd = arch.num_attention_heads * arch.head_dim
-    shapes = {}
-    for i in layers:
-        shapes.update({f"proj.{i}": (nd, nd), f"fc2.{i}": (arch.ffn_hidden_size,) * 2})
-    device = next(model.chunks[0].parameters()).device
-    sums = Sums(shapes, device)
+    local = _layers(model)
+    widths = {"proj": arch.num_attention_heads * arch.head_dim, "fc2": arch.ffn_hidden_size}
+    mine = [i for i in layers if i in local]
+    shapes = {f"{kind}.{i}": (c // ranks.tp, c) for i in mine for kind, c in widths.items()}
+    sums = Sums(shapes, ranks.device)
 
     def hook(name: str):
         def add(_m, inputs):
             x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
-            sums.add(name, (slice(None),), x.t() @ x)
+            whole = x if ranks.tp == 1 else gather(x)  # [tokens, c]: every column
+            sums.add(name, (slice(None),), x.t() @ whole)
 
         return add
 
     handles = []
-    for i in layers:
-        layer = by_index[i]
+    for i in mine:
+        layer = local[i]
         handles.append(layer.self_attention.linear_proj.register_forward_pre_hook(
             hook(f"proj.{i}")))  # fmt: skip
         handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(hook(f"fc2.{i}")))
@@ -168,36 +177,63 @@ def collect_grams(model, windows: torch.Tensor, layers: list[int]) -> dict[str, 
     finally:
         for h in handles:
             h.remove()
-    return sums.all_reduced()
+    out = {}
+    for i in layers:
+        for kind, c in widths.items():
+            name = f"{kind}.{i}"
+            block = None
+            if name in sums.tensors:
+                block = torch.zeros(c, c, dtype=torch.float64, device=ranks.device)
+                block[ranks.columns(c)] = sums.tensors[name]
+            total = ranks.reduce_to_owner(i, block, (c, c))
+            if total is not None:
+                out[name] = total
+    return out
 
 
 class Evaluator:
-    """Sets a candidate's variants into the model and measures KL(dense || candidate)."""
+    """Sets a candidate's variants into this rank's layers and measures KL(dense || candidate)
+    over the first n calibration windows, each DP replica computing its share."""
 
-    def __init__(self, model, supernet: Supernet, grids: Grids, windows: torch.Tensor) -> None:
+    def __init__(self, model, supernet: Supernet, grids: Grids, windows: torch.Tensor,
+                 ranks: SearchRanks) -> None:  # fmt: skip
         from megatron.core import parallel_state
 
         from megatron_prune.evaluate.forward import forward_reduce
 
-        self.model, self.supernet, self.grids, self.windows = model, supernet, grids, windows
+        self.model, self.supernet, self.grids, self.ranks = model, supernet, grids, ranks
         self.layers = _layers(model)
         self.group = parallel_state.get_tensor_model_parallel_group()
         self.dense = {i: (layer.self_attention.linear_proj.weight.detach().clone(),
                           layer.mlp.linear_fc2.weight.detach().clone())
                       for i, layer in self.layers.items()}  # fmt: skip
-        with torch.no_grad():
-            self.logits = forward_reduce(model.chunks, windows, lambda lg: lg.float().cpu())
+        self.mine = ranks.my_windows(len(windows))
+        self.windows = windows[self.mine]
+        self.logits = torch.empty(0)
+        if self.mine:
+            with torch.no_grad():
+                self.logits = forward_reduce(model.chunks, self.windows,
+                                             lambda lg: lg.float().cpu())  # fmt: skip
         self.calls = 0
 
+    def dense_weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s whole dense proj and fc2 weights (a TP collective on its stage)."""
+        return tuple(self.ranks.gather_columns(w) for w in self.dense[i])
+
     def set_weights(self, i: int, proj: torch.Tensor, fc2: torch.Tensor) -> None:
+        """Layer ``i`` computes with the whole weights ``proj`` and ``fc2`` (this rank keeps its
+        TP shard of their input columns)."""
         layer = self.layers[i]
         with torch.no_grad():
-            layer.self_attention.linear_proj.weight.copy_(proj)
-            layer.mlp.linear_fc2.weight.copy_(fc2)
+            for module, whole in ((layer.self_attention.linear_proj, proj),
+                                  (layer.mlp.linear_fc2, fc2)):  # fmt: skip
+                module.weight.copy_(whole[:, self.ranks.columns(whole.shape[1])])
 
     def restore(self) -> None:
         for i, (proj, fc2) in self.dense.items():
-            self.set_weights(i, proj, fc2)
+            with torch.no_grad():
+                self.layers[i].self_attention.linear_proj.weight.copy_(proj)
+                self.layers[i].mlp.linear_fc2.weight.copy_(fc2)
 
     def apply(self, alloc: Allocation) -> None:
         widths = self.grids.widths(alloc)
@@ -207,47 +243,66 @@ class Evaluator:
 
     def __call__(self, alloc: Allocation, windows: int) -> float:
         from megatron_prune.distill.kl import vocab_parallel_kl
-        from megatron_prune.evaluate.forward import forward_reduce
+        from megatron_prune.evaluate.forward import forward_reduce, vocab_shard_range
 
         self.apply(alloc)
         self.calls += 1
-        arch, row = self.model.arch, iter(range(windows))
+        arch = self.model.arch
+        mine = [k for k, w in enumerate(self.mine) if w < windows]  # rows of self.windows
+        calls = itertools.count()
 
         def kl(logits: torch.Tensor) -> torch.Tensor:
-            dense = self.logits[next(row)][None].to(logits.device)
+            # an interleaved pipeline pads short batches with repeats of the last row
+            row = mine[min(next(calls), len(mine) - 1)]
+            dense = self.logits[row][None].to(logits.device)
+            start, _ = vocab_shard_range(logits.shape[-1] * self.ranks.tp)  # padding is masked
             per_token = vocab_parallel_kl(logits.float(), dense, group=self.group,
-                                          vocab_size=arch.vocab_size)  # fmt: skip
+                                          vocab_start=start, vocab_size=arch.vocab_size)
             return per_token.double().mean().reshape(1).cpu()
 
-        with torch.no_grad():
-            values = forward_reduce(self.model.chunks, self.windows[:windows], kl)
-        return float(values.mean())
+        per_window = torch.zeros(windows, dtype=torch.float64)
+        if mine:
+            with torch.no_grad():
+                values = forward_reduce(self.model.chunks, self.windows[mine], kl)
+            per_window[[self.mine[k] for k in mine]] = values.double()
+        per_window = self.ranks.sum_over_dp(per_window)
+        return self.ranks.agree(float(per_window.mean()))
 
 
 def build_supernet(model, supernet: Supernet, grids: Grids, space: Space, start: Allocation,
                    windows: torch.Tensor, settings: TyrSettings, evaluator: Evaluator,
                    steps: dict[str, int]) -> None:  # fmt: skip
     """Statistics and removal orders of every layer (skipping layers already on disk), with or
-    without expectation error accumulation; leaves the model dense."""
-    arch = model.arch
+    without expectation error accumulation; leaves the model dense. Collective: ``windows``
+    are this DP replica's share of the calibration windows."""
+    arch, ranks = model.arch, evaluator.ranks
     L = arch.num_layers
     min_heads = grids.attn[min(space.low["attn"])]
     min_ffn = grids.ffn[min(space.low["ffn"])]
     todo = [i for i in range(L) if not supernet.has_layer(i)]
+    ranks.barrier()  # every rank has read what is on disk before an owner writes more
+
+    def add(i: int, grams: dict[str, torch.Tensor]) -> None:
+        if i not in evaluator.layers:
+            return
+        proj, fc2 = evaluator.dense_weights(i)  # every rank of the stage takes part
+        if ranks.rank == ranks.owners[i]:
+            supernet.add_layer(i, proj, fc2, grams[f"proj.{i}"], grams[f"fc2.{i}"],
+                               min_heads=min_heads, min_ffn=min_ffn)  # fmt: skip
+
     if not settings.error_accumulation:
         if todo:
-            grams = collect_grams(model, windows, todo)
+            grams = collect_grams(model, windows, todo, ranks)
             for i in todo:
-                proj, fc2 = evaluator.dense[i]
-                supernet.add_layer(i, proj, fc2, grams[f"proj.{i}"], grams[f"fc2.{i}"],
-                                   min_heads=min_heads, min_ffn=min_ffn)  # fmt: skip
+                add(i, grams)
+        ranks.barrier()
         return
     for i in range(L):
         if i in todo:
-            grams = collect_grams(model, windows, [i])
-            proj, fc2 = evaluator.dense[i]
-            supernet.add_layer(i, proj, fc2, grams[f"proj.{i}"], grams[f"fc2.{i}"],
-                               min_heads=min_heads, min_ffn=min_ffn)  # fmt: skip
+            add(i, collect_grams(model, windows, [i], ranks))
+        ranks.barrier()  # the owner's files are on disk for the stage's other ranks
+        if i not in evaluator.layers:
+            continue
         expected = []
         for kind, grid in (("attn", grids.attn), ("ffn", grids.ffn)):
             k0, s, m = start[kind][i], steps.get(kind, 1), settings.expectation_levels
@@ -264,8 +319,9 @@ def _fingerprint(data: dict) -> str:
 
 
 def run_tyr(inputs, settings: TyrSettings, data: Path, workdir: Path, resume: bool,
-            device: str | None = None) -> tuple[dict, dict]:  # fmt: skip
-    """The target (per-layer widths) and the search record. ``inputs``: checked PlanInputs."""
+            layout=None, device: str | None = None) -> tuple[dict, dict]:  # fmt: skip
+    """The target (per-layer widths) and the search record, on every rank of ``layout`` (a
+    ``ParallelLayout``; default: a world of one). ``inputs``: checked PlanInputs."""
     from megatron_prune import api
     from megatron_prune.data.tokenizer import load_tokenizer
     from megatron_prune.distributed import ParallelLayout
@@ -274,6 +330,7 @@ def run_tyr(inputs, settings: TyrSettings, data: Path, workdir: Path, resume: bo
     from megatron_prune.plan import strategies
 
     started = time.perf_counter()
+    layout = layout or ParallelLayout()
     source = inputs.source
     start_target = strategies.uniform(source, inputs.budget, inputs.dims, inputs.tp, inputs.pp,
                                       inputs.seq_len)  # fmt: skip
@@ -288,35 +345,41 @@ def run_tyr(inputs, settings: TyrSettings, data: Path, workdir: Path, resume: bo
                 "settings": asdict(settings), "budget": str(inputs.budget), "tp": inputs.tp,
                 "pp": inputs.pp, "dims": list(inputs.dims), "seq_len": inputs.seq_len}
     identity_file = workdir / "identity.json"
-    if resume and identity_file.is_file():
-        if json.loads(identity_file.read_text()) != json.loads(json.dumps(identity)):
-            raise UserError(f"--resume: {workdir} holds a search with other settings, data or "
-                            "checkpoint; start afresh without --resume")  # fmt: skip
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir(parents=True)
-        identity_file.write_text(json.dumps(identity, indent=1, sort_keys=True))
+    resuming = resume and identity_file.is_file()
+    if resuming and json.loads(identity_file.read_text()) != json.loads(json.dumps(identity)):
+        raise UserError(f"--resume: {workdir} holds a search with other settings, data or "
+                        "checkpoint; start afresh without --resume")  # fmt: skip
 
     tokenizer = load_tokenizer(inputs.paths["checkpoint"])
     bos = tokenizer.bos_id if source.needs_bos else None
     ids = tokenizer.encode(Path(data).read_text(encoding="utf-8"))
     windows = packed_samples(ids, settings.samples, settings.seq_len, settings.seed, bos)
-    model = api.open_model(inputs.paths["checkpoint"], ParallelLayout(), device)
+    model = api.open_model(inputs.paths["checkpoint"], layout, device)
+    ranks = SearchRanks.of(sorted(_layers(model)), source.num_layers,
+                           next(model.chunks[0].parameters()).device)  # fmt: skip
+    if not resuming and ranks.rank == 0:
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        identity_file.write_text(json.dumps(identity, indent=1, sort_keys=True))
+    ranks.barrier()
     unit_scores = None
     if settings.local_pruner == "scores":
         unit_scores = {k: inputs.scores[name].float() for k, name in SCORE_NAMES.items()}
     supernet = Supernet(workdir / "supernet", heads=source.num_attention_heads,
                         groups=source.num_query_groups, head_dim=source.head_dim,
-                        ffn=source.ffn_hidden_size, refit=settings.refit,
-                        scores=unit_scores)  # fmt: skip
+                        ffn=source.ffn_hidden_size, refit=settings.refit, scores=unit_scores,
+                        write=ranks.writes_stage)  # fmt: skip
     last = settings.stages[-1][0]
-    evaluator = Evaluator(model, supernet, grids, windows[:last])  # dense logits of these only
-    build_supernet(model, supernet, grids, space, start, windows, settings, evaluator, steps)
+    evaluator = Evaluator(model, supernet, grids, windows[:last], ranks)  # keeps dense logits
+    share = windows[ranks.my_windows(len(windows))]  # this DP replica's statistics windows
+    build_supernet(model, supernet, grids, space, start, share, settings, evaluator, steps)
     built = time.perf_counter() - started
-    log(f"tyr: supernet of {source.num_layers} layers in {built:.1f} s; searching")
+    log(f"tyr: supernet of {source.num_layers} layers in {built:.1f} s; searching at "
+        f"TP={ranks.tp} PP={layout.pp} DP={ranks.dp}")
     start_kl = evaluator(start, last)
     state = evolve(start, space, evaluator, config, state_path=workdir / "state.json",
-                   identity={"run": _fingerprint(identity)}, resume=resume)
+                   identity={"run": _fingerprint(identity)}, resume=resume,
+                   save=ranks.rank == 0)  # fmt: skip
     evaluator.restore()
     best = {k: tuple(v) for k, v in state.parent.items()}
     target = {"hidden_size": source.hidden_size, "num_layers": source.num_layers,
@@ -331,6 +394,8 @@ def run_tyr(inputs, settings: TyrSettings, data: Path, workdir: Path, resume: bo
         "statistics_tokens": settings.samples * settings.seq_len
                              * (source.num_layers if settings.error_accumulation else 1),
         "wall_s": round(time.perf_counter() - started, 1),
+        "searched_at": {"tp": ranks.tp, "pp": layout.pp, "vpp": layout.vpp,
+                        "sequence_parallel": layout.sequence_parallel, "dp": ranks.dp},
         "settings": {k: (list(map(list, v)) if k == "stages" else v)
                      for k, v in asdict(settings).items()},
         "workdir": str(workdir),

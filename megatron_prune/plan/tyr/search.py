@@ -110,10 +110,12 @@ def _key(alloc: Allocation) -> tuple:
 
 def evolve(start: Allocation, space: Space, fitness: Fitness, config: SearchConfig, *,
            state_path: Path | None = None, identity: dict | None = None,
-           resume: bool = False, stop_after: int | None = None) -> SearchState:  # fmt: skip
+           resume: bool = False, stop_after: int | None = None,
+           save: bool = True) -> SearchState:  # fmt: skip
     """Run (or, with ``resume``, continue) the search from ``start``; returns the final state
     (``parent``: the best allocation). ``stop_after``: stop after that many generations of this
-    call (the state says where to go on). ``identity``: what must match to resume."""
+    call (the state says where to go on). ``identity``: what must match to resume. ``save``:
+    write the state after each generation (one rank of a multi-rank search does)."""
     identity = identity or {}
     if resume and state_path is not None and state_path.is_file():
         state = SearchState.load(state_path)
@@ -158,11 +160,11 @@ def evolve(start: Allocation, space: Space, fitness: Fitness, config: SearchConf
                                   "improved": best != parent, "step": steps})  # fmt: skip
             state.generation += 1
             ran += 1
-            if state_path is not None:
+            if save and state_path is not None:
                 state.save(state_path)
         state.iteration += 1
         state.generation = 0
-        if state_path is not None:
+        if save and state_path is not None:
             state.save(state_path)
     return state
 

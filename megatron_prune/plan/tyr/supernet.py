@@ -53,10 +53,14 @@ class Supernet:
 
     def __init__(self, folder: Path, *, heads: int, groups: int, head_dim: int, ffn: int,
                  refit: bool = True, cache: int = 64,
-                 scores: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+                 scores: dict[str, torch.Tensor] | None = None,
+                 write: bool = True) -> None:  # fmt: skip
         """``scores`` (``head``: [L, n], ``neuron``: [L, f]): choose the units as ``prune`` does
-        from them, instead of by OBS (the variants are then ``prune``'s layers, refit aside)."""
+        from them, instead of by OBS (the variants are then ``prune``'s layers, refit aside).
+        ``write``: store the variants this process builds (one writer per layer: the other
+        ranks that need the same variant build it in memory)."""
         self.scores = scores
+        self.write = write
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.heads, self.groups, self.head_dim, self.ffn = heads, groups, head_dim, ffn
@@ -109,7 +113,8 @@ class Supernet:
             w = load_file(str(path))["weight"]
         else:
             w = self._build(i, kind, width)
-            _save(path, {"weight": w})
+            if self.write:
+                _save(path, {"weight": w})
         self._cache[key] = w
         while len(self._cache) > self._limit:
             self._cache.popitem(last=False)
