@@ -5,6 +5,7 @@ the claims come out of the finished runs; a second launch skips every step."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -25,6 +26,38 @@ def _study(tmp, *extra):
            "--global-batch", "2", "--samples", "4", "--eval-tokens", "96", "--eval-points", "2",
            *extra]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=3000, cwd=REPO)
+
+
+def _tool():
+    path = REPO / "tools" / "recovery_study.py"
+    spec = importlib.util.spec_from_file_location("recovery_study", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_claims_are_judged_against_the_relative_seed_noise():
+    """Gaps and noise are relative to the perplexities' scale, so one noise level judges both
+    models; a study without the second seed takes the noise it is given."""
+    tool = _tool()
+    smollm2 = {"minitron": {"after_kd": 100.0, "seed2": 110.0},
+               "+clap": {"after_kd": 85.0, "lm_only": 90.0}, "+clap+slnp": {"after_kd": 95.0},
+               "shortgpt": {"after_kd": 140.0}, "alpha-plan": {"after_kd": 97.0}}  # fmt: skip
+    found = {c["claim"]: c for c in tool.claims({"smollm2": smollm2})}
+    assert found["CLAP > no CLAP"]["noise"] == pytest.approx(10 / 105)
+    assert found["CLAP > no CLAP"]["gap"] == pytest.approx(15 / 92.5)
+    assert found["CLAP > no CLAP"]["verdict"] == "holds"
+    assert found["SLNP > no SLNP"]["gap"] == pytest.approx(-10 / 90)  # beyond -9.5%
+    assert found["SLNP > no SLNP"]["verdict"] == "does not hold"
+    assert found["joint width+depth > depth-only"]["verdict"] == "holds"
+    assert found["AlphaPruning allocation > uniform"]["verdict"] == "within noise"  # +3.1%
+    assert found["KD > LM loss (+clap)"]["verdict"] == "within noise"  # +5.7%
+    gemma3 = {"sandwich": {"after_kd": 1000.0}, "absorbed": {"after_kd": 1050.0},
+              "dropped": {"after_kd": 3000.0}}  # fmt: skip
+    (claim,) = tool.claims({"gemma3": gemma3}, noise=0.1)
+    assert claim["noise"] == 0.1 and claim["verdict"] == "holds"
+    gemma3["absorbed"]["after_kd"] = 2800.0  # nearer dropped than the sandwich
+    assert tool.claims({"gemma3": gemma3}, noise=0.1)[0]["verdict"] == "does not hold"
 
 
 @pytest.mark.slow  # about 40 CLI steps: `make test-all`
@@ -55,6 +88,8 @@ def test_recovery_study_runs_every_variant_and_states_each_claim(tmp_path, auste
     assert all(c["verdict"] in ("holds", "within noise", "does not hold") for c in study["claims"])
     assert (tmp_path / "study" / "report" / "report.md").is_file()
     assert "| claim (after KD) |" in (tmp_path / "study" / "study.md").read_text()
+    assert all((tmp_path / "study" / f"curves_{m}.png").is_file() for m in ("smollm2", "gemma3"))
+    assert study["seconds"] > 0
 
     again = _study(tmp_path)  # everything finished: the recipe skips every step
     assert again.returncode == 0, again.stderr[-3000:]

@@ -23,6 +23,7 @@ the noise of the two baseline seeds.
 usage: python tools/recovery_study.py --out DIR [--models smollm2 gemma3]
            [--train-tokens 65536] [--seq-len 256] [--global-batch 8] [--eval-points 4]
            [--eval-tokens 4096] [--tp 1] [--bf16] [--source MODEL=SRC ...]
+           [--noise-from OTHER/study.json]
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
@@ -214,12 +214,29 @@ def best_variant(rows: dict) -> str:
     return min((n for n in rows if n != "dense"), key=lambda n: rows[n]["after_kd"])
 
 
-def claims(res: dict) -> list[dict]:
-    """Each paper claim on this study's numbers after KD: the two perplexities, the gap, the
-    noise (the two SmolLM2 baseline seeds' difference) and a verdict: "holds" when the gap
-    exceeds the noise in the claimed direction, "within noise", or "does not hold"."""
+def baseline_noise(res: dict) -> float | None:
+    """The relative difference of the SmolLM2 baseline's two data seeds after KD (|a - b| over
+    their mean), or None where the second seed did not run."""
     base = res.get("smollm2", {}).get(BASELINE, {})
-    noise = abs(base["after_kd"] - base["seed2"]) if "seed2" in base else 0.0
+    if "seed2" not in base:
+        return None
+    a, b = base["after_kd"], base["seed2"]
+    return abs(a - b) / ((a + b) / 2)
+
+
+def relative(a: float, b: float) -> float:
+    """(b - a) over the mean of the two: a gap that compares across perplexity scales."""
+    return (b - a) / ((a + b) / 2)
+
+
+def claims(res: dict, noise: float | None = None) -> list[dict]:
+    """Each paper claim on this study's numbers after KD: the two perplexities, the gap, the
+    noise and a verdict: "holds" when the gap exceeds the noise in the claimed direction,
+    "within noise", or "does not hold". Gaps and noise are relative (see :func:`relative`), so
+    the SmolLM2 seeds' noise also judges Gemma 3's claims; ``noise`` (from ``--noise-from``)
+    stands in where this study has no second seed, and without either the noise is 0."""
+    found = baseline_noise(res)
+    noise = found if found is not None else noise if noise is not None else 0.0
     out = []
 
     def verdict(gap: float) -> str:
@@ -229,8 +246,9 @@ def claims(res: dict) -> list[dict]:
         rows = res.get(model, {})
         if good in rows and bad in rows and key in rows[bad]:
             a, b = rows[good]["after_kd"], rows[bad][key]
-            out.append({"claim": text, "model": model, "ppl": {good: a, bad: b}, "gap": b - a,
-                        "noise": noise, "verdict": verdict(b - a)})  # fmt: skip
+            gap = relative(a, b)
+            out.append({"claim": text, "model": model, "ppl": {good: a, bad: b}, "gap": gap,
+                        "noise": noise, "verdict": verdict(gap)})  # fmt: skip
 
     better("CLAP > no CLAP", "smollm2", "+clap", BASELINE)
     better("SLNP > no SLNP", "smollm2", "+clap+slnp", "+clap")
@@ -239,26 +257,46 @@ def claims(res: dict) -> list[dict]:
     rows = res.get("gemma3", {})
     if {"sandwich", "absorbed", "dropped"} <= set(rows):
         s, a, d = (rows[n]["after_kd"] for n in ("sandwich", "absorbed", "dropped"))
-        close = abs(a - s) <= max(noise, 0.25 * (d - s))  # within a quarter of dropped's loss
+        # close: within the noise, or within a quarter of dropped's loss against the sandwich
+        close = abs(relative(s, a)) <= noise or abs(a - s) <= 0.25 * (d - s)
         out.append({"claim": "absorbed close to the sandwich and far above dropped",
                     "model": "gemma3", "ppl": {"sandwich": s, "absorbed": a, "dropped": d},
-                    "gap": d - a, "noise": noise,
-                    "verdict": "holds" if close and d - a > noise
+                    "gap": relative(a, d), "noise": noise,
+                    "verdict": "holds" if close and relative(a, d) > noise
                     else "does not hold"})  # fmt: skip
     for model, model_rows in res.items():
         row = model_rows[best_variant(model_rows)]
         if "lm_only" in row:
             kd, lm = row["after_kd"], row["lm_only"]
             out.append({"claim": f"KD > LM loss ({best_variant(model_rows)})", "model": model,
-                        "ppl": {"KD": kd, "LM only": lm}, "gap": lm - kd, "noise": noise,
-                        "verdict": verdict(lm - kd)})  # fmt: skip
+                        "ppl": {"KD": kd, "LM only": lm}, "gap": relative(kd, lm),
+                        "noise": noise, "verdict": verdict(relative(kd, lm))})  # fmt: skip
     return out
+
+
+def plot_curves(res: dict, out: Path) -> None:
+    """DIR/curves_MODEL.png: every run's held-out perplexity against training tokens, the
+    zero-shot value at 0 tokens."""
+    from megatron_prune.report.plots import held_out_curves
+
+    for model, rows in res.items():
+        curves = {name: [(0, row["zero_shot"]), *row["curve"]]
+                  for name, row in rows.items() if row.get("curve")}  # fmt: skip
+        if curves:
+            held_out_curves(curves, out / f"curves_{model}.png")
+
+
+def step_seconds(out: Path) -> float:
+    """The study's steps' own times, from their stamps: the cost of the study however many
+    launches it took (a rerun adds only the steps it runs again)."""
+    stamps = (out / ".stamps" / "study").glob("*.json")
+    return sum(json.loads(p.read_text()).get("seconds", 0.0) for p in stamps)
 
 
 def markdown(res: dict, found: list[dict], args: argparse.Namespace, seconds: float) -> str:
     lines = [f"Command: `python tools/recovery_study.py --out DIR --models {' '.join(args.models)}"
              f" --train-tokens {args.train_tokens} --seq-len {args.seq_len} --global-batch "
-             f"{args.global_batch}` ({seconds / 60:.0f} min on this machine)", "",
+             f"{args.global_batch}` ({seconds / 60:.0f} min of steps on this machine)", "",
              "| model | variant | block params | zero-shot ppl | ppl after KD | 2nd seed "
              "| LM only |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -268,12 +306,14 @@ def markdown(res: dict, found: list[dict], args: argparse.Namespace, seconds: fl
                      ("zero_shot", "after_kd", "seed2", "lm_only")]  # fmt: skip
             params = f"{row['block_params'] / 1e6:.1f} M" if "block_params" in row else ""
             lines.append(f"| {model} | {name} | {params} | " + " | ".join(cells) + " |")
-    lines += ["", "| claim (after KD) | model | perplexities | gap | noise | verdict |",
+    lines += ["", "Gap: the claimed better variant's advantage relative to the mean of the two "
+              "perplexities; noise: the same for the baseline's two data seeds.", "",
+              "| claim (after KD) | model | perplexities | gap | noise | verdict |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for c in found:
         ppl = ", ".join(f"{k} {v:.2f}" for k, v in c["ppl"].items())
-        lines.append(f"| {c['claim']} | {c['model']} | {ppl} | {c['gap']:+.2f} | "
-                     f"{c['noise']:.2f} | {c['verdict']} |")  # fmt: skip
+        lines.append(f"| {c['claim']} | {c['model']} | {ppl} | {c['gap']:+.1%} | "
+                     f"{c['noise']:.1%} | {c['verdict']} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -293,6 +333,9 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="distil in bf16")
     parser.add_argument("--source", action="append", default=[], metavar="MODEL=SRC",
                         help="replace a model's source (any `convert` source)")  # fmt: skip
+    parser.add_argument("--noise-from", type=Path, default=None, metavar="STUDY.json",
+                        help="another study's baseline-seed noise, for a study without the "
+                             "SmolLM2 baseline (e.g. --models gemma3)")  # fmt: skip
     parser.add_argument("--targets", type=Path, default=None,
                         help="JSON: model -> {joint: TARGET, shortgpt_layers: N}, replacing "
                              "the built-in targets (for other models)")  # fmt: skip
@@ -302,17 +345,19 @@ def main() -> None:
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    start = time.perf_counter()
     run_recipe(args, lm_only={})
     lm_only = {model: best_variant(rows) for model, rows in results(args).items()}
     run_recipe(args, lm_only)  # the finished steps are skipped
     res = results(args)
-    found = claims(res)
-    seconds = time.perf_counter() - start
+    given = (baseline_noise(json.loads(args.noise_from.read_text())["results"])
+             if args.noise_from else None)  # fmt: skip
+    found = claims(res, given)
+    seconds = step_seconds(args.out)
     (args.out / "study.json").write_text(json.dumps({"settings": {k: v for k, v in vars(args)
                                                                   .items() if k != "out"},
                                                      "results": res, "claims": found,
                                                      "seconds": seconds}, indent=1, default=str))
+    plot_curves(res, args.out)
     text = markdown(res, found, args, seconds)
     (args.out / "study.md").write_text(text)
     print(text)

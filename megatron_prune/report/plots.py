@@ -125,3 +125,19 @@ def distill_curves(history: list[dict[str, Any]], path: Path) -> Path:
         ax.set_ylabel("held-out perplexity")
         ax.grid(True, alpha=0.3)
     return _save(fig, path)
+
+
+def held_out_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    """Held-out perplexity (log scale) against training tokens, one line per run, so runs that
+    share a budget compare on one axis (the recovery study's figure)."""
+    fig, axes = _figure()
+    ax = axes[0][0]
+    for label, points in curves.items():
+        tokens, ppl = zip(*points, strict=True)
+        ax.plot(np.asarray(tokens) / 1e3, ppl, marker="o", markersize=3, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens (thousands)")
+    ax.set_ylabel("held-out perplexity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
