@@ -56,7 +56,9 @@ def test_claims_are_judged_against_the_relative_seed_noise():
               "dropped": {"after_kd": 3000.0}}  # fmt: skip
     (claim,) = tool.claims({"gemma3": gemma3}, noise=0.1)
     assert claim["noise"] == 0.1 and claim["verdict"] == "holds"
-    gemma3["absorbed"]["after_kd"] = 2800.0  # nearer dropped than the sandwich
+    gemma3["absorbed"]["after_kd"] = 1500.0  # far above dropped, but 40% off the sandwich
+    assert tool.claims({"gemma3": gemma3}, noise=0.1)[0]["verdict"].startswith("half")
+    gemma3["absorbed"]["after_kd"] = 2800.0  # within the noise of dropped
     assert tool.claims({"gemma3": gemma3}, noise=0.1)[0]["verdict"] == "does not hold"
 
 
@@ -85,7 +87,8 @@ def test_recovery_study_runs_every_variant_and_states_each_claim(tmp_path, auste
     assert {"CLAP > no CLAP", "SLNP > no SLNP", "joint width+depth > depth-only",
             "AlphaPruning allocation > uniform",
             "absorbed close to the sandwich and far above dropped"} <= claims  # fmt: skip
-    assert all(c["verdict"] in ("holds", "within noise", "does not hold") for c in study["claims"])
+    assert all(c["verdict"] in ("holds", "within noise", "does not hold")
+               or c["verdict"].startswith("half") for c in study["claims"])
     assert (tmp_path / "study" / "report" / "report.md").is_file()
     assert "| claim (after KD) |" in (tmp_path / "study" / "study.md").read_text()
     assert all((tmp_path / "study" / f"curves_{m}.png").is_file() for m in ("smollm2", "gemma3"))

@@ -257,12 +257,15 @@ def claims(res: dict, noise: float | None = None) -> list[dict]:
     rows = res.get("gemma3", {})
     if {"sandwich", "absorbed", "dropped"} <= set(rows):
         s, a, d = (rows[n]["after_kd"] for n in ("sandwich", "absorbed", "dropped"))
-        # close: within the noise, or within a quarter of dropped's loss against the sandwich
-        close = abs(relative(s, a)) <= noise or abs(a - s) <= 0.25 * (d - s)
+        # Both halves must hold: absorbed within the noise of the sandwich (the paper's 59.0
+        # vs 59.9), and beyond the noise above dropped. Perplexities span many orders of
+        # magnitude when a variant is broken, so "close" is never judged against dropped's loss.
+        close, far = abs(relative(s, a)) <= noise, relative(a, d) > noise
         out.append({"claim": "absorbed close to the sandwich and far above dropped",
                     "model": "gemma3", "ppl": {"sandwich": s, "absorbed": a, "dropped": d},
-                    "gap": relative(a, d), "noise": noise,
-                    "verdict": "holds" if close and relative(a, d) > noise
+                    "gap": relative(s, a), "noise": noise,
+                    "verdict": "holds" if close and far
+                    else "half: far above dropped, not close to the sandwich" if far
                     else "does not hold"})  # fmt: skip
     for model, model_rows in res.items():
         row = model_rows[best_variant(model_rows)]
@@ -293,16 +296,22 @@ def step_seconds(out: Path) -> float:
     return sum(json.loads(p.read_text()).get("seconds", 0.0) for p in stamps)
 
 
+def _ppl_text(value: float) -> str:
+    """Perplexities of broken variants run to 1e100; keep those cells readable."""
+    return f"{value:.2f}" if value < 1e6 else f"{value:.2e}"
+
+
 def markdown(res: dict, found: list[dict], args: argparse.Namespace, seconds: float) -> str:
     lines = [f"Command: `python tools/recovery_study.py --out DIR --models {' '.join(args.models)}"
              f" --train-tokens {args.train_tokens} --seq-len {args.seq_len} --global-batch "
-             f"{args.global_batch}` ({seconds / 60:.0f} min of steps on this machine)", "",
+             f"{args.global_batch} --lr {args.lr:g}` ({seconds / 60:.0f} min of steps on this "
+             "machine)", "",
              "| model | variant | block params | zero-shot ppl | ppl after KD | 2nd seed "
              "| LM only |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for model, rows in res.items():
         for name, row in rows.items():
-            cells = [f"{row[k]:.2f}" if k in row else "" for k in
+            cells = [_ppl_text(row[k]) if k in row else "" for k in
                      ("zero_shot", "after_kd", "seed2", "lm_only")]  # fmt: skip
             params = f"{row['block_params'] / 1e6:.1f} M" if "block_params" in row else ""
             lines.append(f"| {model} | {name} | {params} | " + " | ".join(cells) + " |")
@@ -311,7 +320,7 @@ def markdown(res: dict, found: list[dict], args: argparse.Namespace, seconds: fl
               "| claim (after KD) | model | perplexities | gap | noise | verdict |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for c in found:
-        ppl = ", ".join(f"{k} {v:.2f}" for k, v in c["ppl"].items())
+        ppl = ", ".join(f"{k} {_ppl_text(v)}" for k, v in c["ppl"].items())
         lines.append(f"| {c['claim']} | {c['model']} | {ppl} | {c['gap']:+.1%} | "
                      f"{c['noise']:.1%} | {c['verdict']} |")  # fmt: skip
     return "\n".join(lines) + "\n"
