@@ -232,7 +232,8 @@ def relative(a: float, b: float) -> float:
 def claims(res: dict, noise: float | None = None) -> list[dict]:
     """Each paper claim on this study's numbers after KD: the two perplexities, the gap, the
     noise and a verdict: "holds" when the gap exceeds the noise in the claimed direction,
-    "within noise", or "does not hold". Gaps and noise are relative (see :func:`relative`), so
+    "within noise", or "does not hold" (and "half" for the two-part absorption claim when
+    only its second part holds). Gaps and noise are relative (see :func:`relative`), so
     the SmolLM2 seeds' noise also judges Gemma 3's claims; ``noise`` (from ``--noise-from``)
     stands in where this study has no second seed, and without either the noise is 0."""
     found = baseline_noise(res)
